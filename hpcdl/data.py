@@ -33,8 +33,16 @@ SPLITS = ("train", "val", "test")
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
 
@@ -76,7 +84,7 @@ class Arrays:
 
 
 def read_idx(path: Path, expected_magic: int) -> tuple[np.ndarray, str]:
-    """Read one IDX file (.gz or not); returns the array and the sha256 of its decompressed bytes."""
+    """Read one IDX file (.gz or not): the array, and the sha256 of the decompressed bytes."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except OSError as exc:
@@ -162,8 +170,15 @@ def load_keras_dataset(name: str, class_names: tuple[str, ...]) -> Arrays:
 
     loader = {"fashion_mnist": keras.datasets.fashion_mnist, "mnist": keras.datasets.mnist}[name]
     (train_x, train_y), (test_x, test_y) = loader.load_data()
-    return Arrays(name, f"keras.datasets.{name}", train_x[..., None], train_y.astype(np.int64),
-                  test_x[..., None], test_y.astype(np.int64), class_names)
+    return Arrays(
+        name,
+        f"keras.datasets.{name}",
+        train_x[..., None],
+        train_y.astype(np.int64),
+        test_x[..., None],
+        test_y.astype(np.int64),
+        class_names,
+    )
 
 
 def load_digits_dataset(test_fraction: float, seed: int) -> Arrays:
@@ -174,8 +189,15 @@ def load_digits_dataset(test_fraction: float, seed: int) -> Arrays:
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = digits.target.astype(np.int64)
     train_idx, test_idx = stratified_split(labels, test_fraction, seed)
-    return Arrays("digits", "sklearn.datasets.load_digits", images[train_idx], labels[train_idx],
-                  images[test_idx], labels[test_idx], DIGIT_CLASSES)
+    return Arrays(
+        "digits",
+        "sklearn.datasets.load_digits",
+        images[train_idx],
+        labels[train_idx],
+        images[test_idx],
+        labels[test_idx],
+        DIGIT_CLASSES,
+    )
 
 
 def load_user_arrays(
@@ -203,17 +225,28 @@ def load_user_arrays(
         has_test = x_test_key in arrays and y_test_key in arrays
         if has_test:
             test_x = _checked_images(path, x_test_key, np.asarray(arrays[x_test_key]))
-            test_y = _checked_labels(path, y_test_key, np.asarray(arrays[y_test_key]),
-                                     len(test_x), x_test_key)
+            test_y = _checked_labels(
+                path, y_test_key, np.asarray(arrays[y_test_key]), len(test_x), x_test_key
+            )
             if test_x.shape[1:] != x.shape[1:]:
-                raise DatasetError(f"{path}: {x_test_key!r} images are {test_x.shape[1:]}, "
-                                   f"but {x_key!r} images are {x.shape[1:]}")
+                raise DatasetError(
+                    f"{path}: {x_test_key!r} images are {test_x.shape[1:]}, "
+                    f"but {x_key!r} images are {x.shape[1:]}"
+                )
     if not has_test:
         train_idx, test_idx = stratified_split(y, test_fraction, seed)
         x, y, test_x, test_y = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
     n_classes = int(max(y.max(), test_y.max())) + 1
-    return Arrays(path.stem, f"{kind}:{path.resolve()}", x, y, test_x, test_y,
-                  tuple(str(c) for c in range(n_classes)), {path.name: _sha256_file(path)})
+    return Arrays(
+        path.stem,
+        f"{kind}:{path.resolve()}",
+        x,
+        y,
+        test_x,
+        test_y,
+        tuple(str(c) for c in range(n_classes)),
+        {path.name: _sha256_file(path)},
+    )
 
 
 @contextmanager
@@ -233,8 +266,9 @@ def _checked_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4:
-        raise DatasetError(f"{path}: {key!r} has shape {x.shape}; expected images (N, H, W) "
-                           "or (N, H, W, C)")
+        raise DatasetError(
+            f"{path}: {key!r} has shape {x.shape}; expected images (N, H, W) or (N, H, W, C)"
+        )
     if x.dtype == np.uint8:
         return x
     if not np.issubdtype(x.dtype, np.number):
@@ -246,14 +280,17 @@ def _checked_labels(path: Path, key: str, y: np.ndarray, n_images: int, x_key: s
     if y.ndim != 1:
         raise DatasetError(f"{path}: {key!r} has shape {y.shape}; expected class labels (N,)")
     if len(y) != n_images:
-        raise DatasetError(f"{path}: {key!r} has {len(y)} labels but {x_key!r} has "
-                           f"{n_images} images")
+        raise DatasetError(
+            f"{path}: {key!r} has {len(y)} labels but {x_key!r} has {n_images} images"
+        )
     integral = np.issubdtype(y.dtype, np.integer) or (
         np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.rint(y))
     )
     if not integral:
-        raise DatasetError(f"{path}: {key!r} labels must be integers, got dtype {y.dtype} "
-                           f"with values like {y[:3].tolist()}")
+        raise DatasetError(
+            f"{path}: {key!r} labels must be integers, got dtype {y.dtype} "
+            f"with values like {y[:3].tolist()}"
+        )
     y = y.astype(np.int64)
     if y.min() < 0:
         raise DatasetError(f"{path}: {key!r} labels must be >= 0 (class indices), found {y.min()}")
@@ -288,8 +325,10 @@ def load_source(spec: str, options: SourceOptions) -> Arrays:
         if options.source == "keras":
             return load_keras_dataset(spec, classes)
         if options.source is None and spec == "mnist":
-            raise DatasetError("mnist: no local copy ships with Debian; pass --source DIR with the "
-                               "four IDX files, or --source keras to download")
+            raise DatasetError(
+                "mnist: no local copy ships with Debian; pass --source DIR with the "
+                "four IDX files, or --source keras to download"
+            )
         directory = Path(options.source) if options.source else DEFAULT_FASHION_MNIST_DIR
         known = FASHION_MNIST_SHA256 if spec == "fashion_mnist" else None
         return load_idx_dataset(spec, directory, classes, known)
@@ -297,25 +336,36 @@ def load_source(spec: str, options: SourceOptions) -> Arrays:
         return load_digits_dataset(options.test_fraction, options.seed)
     kind, _, file = spec.partition(":")
     if kind in ("npz", "hdf5", "h5") and file:
-        return load_user_arrays("npz" if kind == "npz" else "hdf5", Path(file), options.x_key,
-                                options.y_key, options.x_test_key, options.y_test_key,
-                                options.test_fraction, options.seed)
-    raise DatasetError(f"unknown dataset {spec!r}; expected fashion_mnist, mnist, digits, "
-                       "npz:FILE or hdf5:FILE")
+        return load_user_arrays(
+            "npz" if kind == "npz" else "hdf5",
+            Path(file),
+            options.x_key,
+            options.y_key,
+            options.x_test_key,
+            options.y_test_key,
+            options.test_fraction,
+            options.seed,
+        )
+    raise DatasetError(
+        f"unknown dataset {spec!r}; expected fashion_mnist, mnist, digits, npz:FILE or hdf5:FILE"
+    )
 
 
 # ---------------------------------------------------------------- split and write
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices (kept, held_out): `fraction` of each class held out, seeded, kept shuffled."""
     if not 0.0 < fraction < 1.0:
         raise DatasetError(f"split fraction {fraction} must be in (0, 1)")
     from sklearn.model_selection import train_test_split
 
     try:
-        kept, held = train_test_split(np.arange(len(labels)), test_size=fraction,
-                                      random_state=seed, stratify=labels)
+        kept, held = train_test_split(
+            np.arange(len(labels)), test_size=fraction, random_state=seed, stratify=labels
+        )
     except ValueError as exc:
         raise DatasetError(f"cannot hold out {fraction:.0%} stratified by class: {exc}") from exc
     return np.asarray(kept), np.sort(held)
@@ -356,31 +406,44 @@ def write_dataset(
         raise DatasetError(f"{out}: cannot write here ({exc.strerror or exc})") from exc
     try:
         with handle:
-            handle.attrs.update({
-                "format": DATASET_FORMAT,
-                "format_version": DATASET_FORMAT_VERSION,
-                "name": arrays.name,
-                "source": arrays.source,
-                "n_classes": n_classes,
-                "class_names": json.dumps(list(arrays.class_names)),
-                "shapes": json.dumps({s: list(x.shape) for s, (x, _) in splits.items()}),
-                "checksums_sha256": json.dumps(arrays.checksums, sort_keys=True),
-                "val_fraction": val_fraction,
-                "split_seed": seed,
-                "hpcdl_version": __version__,
-            })
+            handle.attrs.update(
+                {
+                    "format": DATASET_FORMAT,
+                    "format_version": DATASET_FORMAT_VERSION,
+                    "name": arrays.name,
+                    "source": arrays.source,
+                    "n_classes": n_classes,
+                    "class_names": json.dumps(list(arrays.class_names)),
+                    "shapes": json.dumps({s: list(x.shape) for s, (x, _) in splits.items()}),
+                    "checksums_sha256": json.dumps(arrays.checksums, sort_keys=True),
+                    "val_fraction": val_fraction,
+                    "split_seed": seed,
+                    "hpcdl_version": __version__,
+                }
+            )
             for split, (x, y) in splits.items():
                 group = handle.create_group(split)
                 rows = _chunk_rows(x.shape[1:], x.dtype.itemsize, len(x))
-                dset = group.create_dataset("x", shape=x.shape, dtype=x.dtype,
-                                            chunks=(rows, *x.shape[1:]),
-                                            compression="gzip", compression_opts=4, shuffle=True)
+                dset = group.create_dataset(
+                    "x",
+                    shape=x.shape,
+                    dtype=x.dtype,
+                    chunks=(rows, *x.shape[1:]),
+                    compression="gzip",
+                    compression_opts=4,
+                    shuffle=True,
+                )
                 for start in range(0, len(x), rows):
-                    dset[start:start + rows] = x[start:start + rows]
+                    dset[start : start + rows] = x[start : start + rows]
                     if progress:
                         progress(min(rows, len(x) - start))
-                group.create_dataset("y", data=y.astype(np.int64), chunks=True,
-                                     compression="gzip", compression_opts=4)
+                group.create_dataset(
+                    "y",
+                    data=y.astype(np.int64),
+                    chunks=True,
+                    compression="gzip",
+                    compression_opts=4,
+                )
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -405,15 +468,17 @@ class DatasetInfo:
 
 
 def dataset_info(path: str | Path) -> DatasetInfo:
-    """Open a dataset file and check it is one of ours; raise DatasetError naming the path if not."""
+    """Open a dataset file and check it is one of ours (DatasetError naming the path if not)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: dataset file does not exist (run `hpcdl prepare`)")
     try:
         with h5py.File(path, "r") as handle:
             if handle.attrs.get("format") != DATASET_FORMAT:
-                raise DatasetError(f"{path}: not an hpcdl dataset file (no format={DATASET_FORMAT} "
-                                   "attribute); write it with `hpcdl prepare`")
+                raise DatasetError(
+                    f"{path}: not an hpcdl dataset file (no format={DATASET_FORMAT} "
+                    "attribute); write it with `hpcdl prepare`"
+                )
             missing = [f"/{s}/{k}" for s in SPLITS for k in ("x", "y") if f"{s}/{k}" not in handle]
             if missing:
                 raise DatasetError(f"{path}: dataset file lacks {', '.join(missing)}")

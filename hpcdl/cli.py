@@ -1,0 +1,138 @@
+"""The `hpcdl` command: parses arguments and calls the module that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from hpcdl import __version__, logs
+from hpcdl.errors import UserError
+
+log = logging.getLogger("hpcdl")
+
+EXIT_USER_ERROR = 2
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from hpcdl import doctor
+
+    checks = doctor.run_checks()
+    report = doctor.as_dict(checks)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        table = Table(title=f"hpcdl {__version__} doctor")
+        for column in ("item", "found", "status"):
+            table.add_column(column)
+        for check in checks:
+            status = (
+                "[green]ok"
+                if check.ok
+                else "[red]MISSING"
+                if check.required
+                else "[yellow]optional, absent"
+            )
+            table.add_row(check.name, check.value, status)
+        console = Console()
+        console.print(table)
+        for check in checks:
+            if not check.ok and check.required:
+                console.print(f"[red]{check.name}[/red]: fix with: {check.fix}")
+    return 0 if report["ok"] else 1
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from hpcdl import data
+
+    options = data.SourceOptions(
+        source=args.source,
+        x_key=args.x_key,
+        y_key=args.y_key,
+        x_test_key=args.x_test_key,
+        y_test_key=args.y_test_key,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+    )
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not args.force:
+        raise UserError(f"{out}: already exists; pass --force to overwrite it")
+    log.info("reading %s", args.dataset)
+    arrays = data.load_source(args.dataset, options)
+    out = out or Path("results/data") / f"{arrays.name}.h5"
+    total = len(arrays.train_x) + len(arrays.test_x)
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"writing {out}", total=total)
+        sizes = data.write_dataset(
+            arrays,
+            out,
+            args.val_fraction,
+            args.seed,
+            force=args.force,
+            progress=lambda rows: progress.advance(task, rows),
+        )
+    shape = "x".join(str(d) for d in arrays.train_x.shape[1:])
+    print(
+        f"{out}: {arrays.name} {shape}, {len(arrays.class_names)} classes, "
+        + ", ".join(f"{split} {n}" for split, n in sizes.items())
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpcdl", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"hpcdl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    doctor = sub.add_parser("doctor", help="check the stack: TF, Keras, Horovod, MPI, Slurm, GPUs")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(func=cmd_doctor)
+
+    prepare = sub.add_parser("prepare", help="write a dataset HDF5 file")
+    prepare.add_argument("dataset", help="fashion_mnist | mnist | digits | npz:FILE | hdf5:FILE")
+    prepare.add_argument("--out", help="output .h5 (default results/data/<name>.h5)")
+    prepare.add_argument("--source", help="directory of the IDX files, or 'keras' to download")
+    prepare.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="share of train held out for validation, stratified (default 0.1)",
+    )
+    prepare.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.2,
+        help="share held out as test when the source has no test split",
+    )
+    prepare.add_argument("--seed", type=int, default=0, help="seed of the splits (default 0)")
+    prepare.add_argument("--x-key", default="x", help="images array in npz/hdf5 (default x)")
+    prepare.add_argument("--y-key", default="y", help="labels array in npz/hdf5 (default y)")
+    prepare.add_argument("--x-test-key", default="x_test", help="test images, if present")
+    prepare.add_argument("--y-test-key", default="y_test", help="test labels, if present")
+    prepare.add_argument("--force", action="store_true", help="overwrite an existing output")
+    prepare.set_defaults(func=cmd_prepare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; user mistakes become one line on stderr and exit code 2."""
+    logs.configure()
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UserError as exc:
+        print(f"hpcdl {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Sweep config: YAML -> validated, defaults-filled, read-only config, plus the paths it implies.
+
+configs/schema.yaml is the one schema: this loader and the Snakefile's snakemake.utils.validate
+both read it, and both fill in the defaults it declares.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from hpcdl.errors import ConfigError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "configs" / "schema.yaml"
+# Trial parameters live in these sections; their keys are disjoint, so a param is a bare name.
+PARAM_SECTIONS = ("model", "train")
+
+
+@cache
+def schema() -> dict[str, Any]:
+    with SCHEMA_PATH.open() as handle:
+        return yaml.safe_load(handle)
+
+
+def _validator_filling_defaults() -> type[jsonschema.protocols.Validator]:
+    """Draft-07 validator that also writes each property's `default` into the instance."""
+    base = jsonschema.Draft7Validator
+    check_properties = base.VALIDATORS["properties"]
+
+    def fill_then_check(
+        validator: Any, properties: dict[str, Any], instance: Any, subschema: dict[str, Any]
+    ) -> Iterable[jsonschema.ValidationError]:
+        if isinstance(instance, dict):
+            for key, prop in properties.items():
+                if "default" in prop:
+                    instance.setdefault(key, copy.deepcopy(prop["default"]))
+        yield from check_properties(validator, properties, instance, subschema)
+
+    return jsonschema.validators.extend(base, {"properties": fill_then_check})
+
+
+def param_sections() -> dict[str, str]:
+    """Every tunable parameter name -> the config section that holds it."""
+    props = schema()["properties"]
+    return {key: section for section in PARAM_SECTIONS for key in props[section]["properties"]}
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def validate(document: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Check `document` against the schema and fill defaults; one ConfigError naming the key."""
+    filled = copy.deepcopy(document)
+    errors = list(_validator_filling_defaults()(schema()).iter_errors(filled))
+    if errors:
+        error = jsonschema.exceptions.best_match(errors)
+        raise ConfigError(f"{origin}: {_where(error)}: {error.message}")
+    filled["dataset"].setdefault("source", filled["dataset"]["name"])
+    _check_search_space(filled, origin)
+    return filled
+
+
+def _check_search_space(document: dict[str, Any], origin: str) -> None:
+    sections = param_sections()
+    search = document["search"]
+    for name, dist in search["space"].items():
+        where = f"{origin}: search.space.{name}"
+        if name not in sections:
+            raise ConfigError(f"{where}: unknown parameter; expected one of {sorted(sections)}")
+        if dist["type"] == "categorical":
+            if not dist.get("choices"):
+                raise ConfigError(f"{where}: categorical needs a non-empty 'choices' list")
+            continue
+        if "low" not in dist or "high" not in dist:
+            raise ConfigError(f"{where}: {dist['type']} needs 'low' and 'high'")
+        low, high = dist["low"], dist["high"]
+        if low > high:
+            raise ConfigError(f"{where}: empty range, low {low} > high {high}")
+        if dist["log"] and low <= 0:
+            raise ConfigError(f"{where}: log range must be > 0, got low {low}")
+        if dist["log"] and dist["step"] not in (None, 1):
+            raise ConfigError(f"{where}: 'step' cannot be combined with log=true")
+        if dist["type"] == "int" and not (float(low).is_integer() and float(high).is_integer()):
+            raise ConfigError(f"{where}: int range needs integer bounds, got {low}..{high}")
+    if search["sampler"] == "grid":
+        continuous = [
+            n for n, d in search["space"].items() if d["type"] == "float" and d["step"] is None
+        ]
+        if continuous:
+            raise ConfigError(
+                f"{origin}: search.sampler: grid cannot cover continuous "
+                f"parameter(s) {continuous}; give them a 'step' or use categorical"
+            )
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value` (value parsed as YAML) -> (path, value)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
+    path = key.split(".")
+    if len(path) == 1 and path[0] in param_sections():
+        path = [param_sections()[path[0]], path[0]]
+    return path, yaml.safe_load(raw)
+
+
+def apply_overrides(document: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    result = copy.deepcopy(document)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = result
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[path[-1]] = value
+    return result
+
+
+class Config:
+    """A validated sweep config. Read-only: accessors hand out copies."""
+
+    def __init__(self, document: dict[str, Any], origin: str = "<config>") -> None:
+        self._doc = validate(document, origin)
+        self.origin = origin
+
+    def __repr__(self) -> str:
+        return f"Config({self.name!r} from {self.origin})"
+
+    def section(self, name: str) -> dict[str, Any]:
+        return copy.deepcopy(self._doc[name])
+
+    def as_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._doc)
+
+    def to_json(self) -> str:
+        return json.dumps(self._doc, sort_keys=True)
+
+    @property
+    def name(self) -> str:
+        return self._doc["name"]
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The fixed model + train parameters (a trial's params override these)."""
+        return {
+            key: value for section in PARAM_SECTIONS for key, value in self._doc[section].items()
+        }
+
+    def with_params(self, params: Mapping[str, Any]) -> Config:
+        """A copy with trial parameters (bare names) put into their sections, re-validated."""
+        sections = param_sections()
+        doc = copy.deepcopy(self._doc)
+        for key, value in params.items():
+            if key not in sections:
+                raise ConfigError(f"{self.origin}: unknown parameter {key!r}")
+            doc[sections[key]][key] = value
+        return Config(doc, self.origin)
+
+    # ------------------------------------------------------------ paths (DESIGN.md)
+    @property
+    def results_dir(self) -> Path:
+        return Path(self._doc["results_dir"])
+
+    @property
+    def dataset_file(self) -> Path:
+        return self.results_dir / "data" / f"{self._doc['dataset']['name']}.h5"
+
+    @property
+    def sweep_dir(self) -> Path:
+        return self.results_dir / self.name
+
+    def trial_file(self, number: int) -> Path:
+        return self.sweep_dir / "trials" / f"{number}.h5"
+
+
+def load(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config, apply `--set` overrides, validate; ConfigError names file and key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(document).__name__}")
+    return Config(apply_overrides(document, overrides), str(path))

@@ -1,0 +1,124 @@
+"""`hpcdl doctor`: what the stack has, each item checked against what hpcdl needs."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+
+from hpcdl import parallel
+
+REBUILD_HOROVOD = (
+    "HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_PYTORCH=1 "
+    "HOROVOD_WITHOUT_MXNET=1 pip install --no-cache-dir --no-build-isolation --force-reinstall "
+    "horovod==0.28.1  (or: make setup)"
+)
+
+
+@dataclass
+class Check:
+    """One line of the doctor's report."""
+
+    name: str
+    value: str
+    ok: bool
+    required: bool
+    fix: str = ""
+
+
+def _first_line(command: list[str]) -> str:
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"failed: {exc}"
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else ""
+
+
+def run_checks() -> list[Check]:
+    """Inspect Python, TensorFlow/Keras, Horovod's build, MPI, GPUs, Slurm and Apptainer."""
+    checks = [Check("python", platform.python_version(), True, True)]
+    try:
+        import tensorflow as tf
+
+        checks.append(Check("tensorflow", tf.__version__, True, True))
+        import tf_keras
+
+        legacy = "tf_keras" in tf.keras.__name__
+        checks.append(
+            Check(
+                "keras",
+                f"{tf_keras.__version__} (tf.keras is {tf.keras.__name__})",
+                legacy,
+                True,
+                ""
+                if legacy
+                else "Horovod needs Keras 2: pip install tf-keras==2.18.0 "
+                "and import hpcdl (it sets TF_USE_LEGACY_KERAS=1) before TensorFlow",
+            )
+        )
+        gpus = [gpu.name for gpu in tf.config.list_physical_devices("GPU")]
+        checks.append(Check("gpus", ", ".join(gpus) or "none (CPU only)", True, False))
+    except ImportError as exc:
+        checks.append(Check("tensorflow / tf-keras", f"missing ({exc})", False, True, "make setup"))
+
+    build = parallel.horovod_build()
+    if build["installed"]:
+        flags = ", ".join(f"{k}={'yes' if build[k] else 'no'}" for k in ("mpi", "gloo", "nccl"))
+        usable = build["mpi"] or build["gloo"]
+        checks.append(
+            Check(
+                "horovod",
+                f"{build['version']} ({flags})",
+                usable,
+                True,
+                "" if usable else REBUILD_HOROVOD,
+            )
+        )
+    else:
+        checks.append(Check("horovod", f"missing ({build['error']})", False, True, REBUILD_HOROVOD))
+
+    try:
+        import mpi4py
+
+        mpi4py.rc.initialize = False  # reading the library version needs no MPI_Init
+        from mpi4py import MPI
+
+        library = MPI.Get_library_version().strip().splitlines()[0]
+        checks.append(Check("mpi4py", mpi4py.__version__, True, True))
+        checks.append(Check("mpi library", library, True, True))
+    except ImportError as exc:
+        checks.append(
+            Check(
+                "mpi4py",
+                f"missing ({exc})",
+                False,
+                True,
+                "apt-get install libopenmpi-dev openmpi-bin; pip install mpi4py",
+            )
+        )
+
+    mpirun = shutil.which("mpirun")
+    checks.append(
+        Check(
+            "mpirun",
+            f"{mpirun}: {_first_line(['mpirun', '--version'])}" if mpirun else "not on PATH",
+            bool(mpirun),
+            True,
+            "" if mpirun else "apt-get install openmpi-bin (or module load openmpi)",
+        )
+    )
+    for tool, fix in (
+        ("sbatch", "needed only on a Slurm cluster: module load slurm"),
+        ("srun", "needed only on a Slurm cluster: module load slurm"),
+        ("apptainer", "needed only for containers: module load apptainer"),
+        ("singularity", "needed only for containers"),
+    ):
+        path = shutil.which(tool)
+        checks.append(Check(tool, path or "not on PATH", bool(path), False, "" if path else fix))
+    return checks
+
+
+def as_dict(checks: list[Check]) -> dict[str, object]:
+    """JSON form: every check, and whether everything required is present."""
+    return {"ok": all(c.ok for c in checks if c.required), "checks": [asdict(c) for c in checks]}

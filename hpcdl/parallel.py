@@ -1,0 +1,228 @@
+"""Where this process runs and how ranks talk: the only module that imports Horovod.
+
+Follows Horovod's Keras recipe (init, pin GPU by local rank, scale the learning rate, wrap the
+optimizer, broadcast from rank 0, average metrics), wrapped so the rest of hpcdl asks one object
+for rank / size / local rank / job id whether launched by mpirun, srun or plain python.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hpcdl.errors import UserError
+
+LR_SCALING_RULES = ("linear", "sqrt", "none")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The rank layout a launcher announced in the environment, readable before MPI starts."""
+
+    launcher: str  # "mpirun", "srun" or "single"
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    job_id: str | None
+    host: str
+
+
+def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
+    """Read rank variables of Open MPI, Slurm's srun (PMIx) or none (one process)."""
+    env = os.environ if env is None else env
+    job_id = env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID")
+    if job_id and env.get("SLURM_ARRAY_TASK_ID"):
+        job_id = f"{job_id}_{env['SLURM_ARRAY_TASK_ID']}"
+    host = socket.gethostname()
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return Launch(
+            "mpirun",
+            int(env["OMPI_COMM_WORLD_RANK"]),
+            int(env["OMPI_COMM_WORLD_SIZE"]),
+            int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
+            int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)),
+            job_id,
+            host,
+        )
+    # SLURM_STEP_NUM_TASKS exists only inside an srun step, not in the batch script itself.
+    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        local_size = int(env.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0])
+        return Launch(
+            "srun",
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_STEP_NUM_TASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            local_size,
+            job_id,
+            host,
+        )
+    if "PMIX_RANK" in env and "PMIX_SIZE" in env:
+        return Launch("pmix", int(env["PMIX_RANK"]), int(env["PMIX_SIZE"]), 0, 1, job_id, host)
+    return Launch("single", 0, 1, 0, 1, job_id, host)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job, as Horovod sees it after init."""
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    launcher: str
+    job_id: str | None
+    host: str
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+
+_ranks: Ranks | None = None
+_control_comm: Any = None  # a private MPI communicator for cheap Python-level agreement
+
+
+def init() -> Ranks:
+    """Start MPI (mpi4py first, stack.md) and Horovod; check Horovod sees what the launcher set."""
+    global _ranks, _control_comm
+    if _ranks is not None:
+        return _ranks
+    launch = detect_launch()
+    import horovod.tensorflow.keras as hvd
+    from mpi4py import MPI  # must initialise MPI before Horovod does (stack.md)
+
+    hvd.init(comm=MPI.COMM_WORLD)
+    if hvd.size() != launch.size:
+        raise UserError(
+            f"{launch.launcher} started {launch.size} ranks but Horovod sees {hvd.size()}: "
+            "Horovod's MPI does not match the launcher (under srun use --mpi=pmix with an "
+            "Open MPI built for PMIx)"
+        )
+    _control_comm = MPI.COMM_WORLD.Dup()
+    _ranks = Ranks(
+        hvd.rank(),
+        hvd.size(),
+        hvd.local_rank(),
+        hvd.local_size(),
+        launch.launcher,
+        launch.job_id,
+        launch.host,
+    )
+    return _ranks
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank; a few microseconds via plain MPI.
+
+    Used once per batch so that a signal seen by one rank stops all ranks after the same batch
+    (a rank that stops alone leaves the others waiting forever in the next gradient allreduce).
+    """
+    if init().size == 1:
+        return flag
+    from mpi4py import MPI
+
+    return bool(_control_comm.allreduce(int(flag), op=MPI.MAX))
+
+
+def pin_gpu(local_rank: int) -> str | None:
+    """One GPU per rank, by local rank modulo visible GPUs (works with --gpus-per-task too)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return None
+    gpu = gpus[local_rank % len(gpus)]
+    tf.config.experimental.set_memory_growth(gpu, True)
+    tf.config.set_visible_devices(gpu, "GPU")
+    return gpu.name
+
+
+def scaled_learning_rate(base: float, size: int, rule: str) -> float:
+    """Learning rate for `size` ranks: the global batch grows with size, so the step may too."""
+    if rule == "linear":
+        return base * size
+    if rule == "sqrt":
+        return base * math.sqrt(size)
+    if rule == "none":
+        return base
+    raise ValueError(f"unknown learning-rate scaling {rule!r}; expected one of {LR_SCALING_RULES}")
+
+
+def distributed_optimizer(optimizer: Any) -> Any:
+    """Wrap a Keras 2 optimizer so gradients are averaged over ranks before each step."""
+    import horovod.tensorflow.keras as hvd
+
+    return hvd.DistributedOptimizer(optimizer)
+
+
+def sync_callbacks(initial_lr: float, warmup_epochs: float, steps_per_epoch: int) -> list[Any]:
+    """Keras callbacks: broadcast rank 0's initial weights; ramp the LR up over warm-up epochs."""
+    import horovod.tensorflow.keras as hvd
+
+    callbacks: list[Any] = [hvd.callbacks.BroadcastGlobalVariablesCallback(0)]
+    if warmup_epochs > 0:
+        callbacks.append(
+            hvd.callbacks.LearningRateWarmupCallback(
+                initial_lr=initial_lr,
+                warmup_epochs=warmup_epochs,
+                steps_per_epoch=steps_per_epoch,
+                verbose=0,
+            )
+        )
+    return callbacks
+
+
+def allreduce_sum(values: np.ndarray, name: str) -> np.ndarray:
+    """Element-wise sum over ranks (Horovod's MetricAverageCallback is broken on tf-keras 2.18)."""
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    total = hvd.allreduce(tf.constant(np.asarray(values, dtype=np.float64)), op=hvd.Sum, name=name)
+    return np.asarray(total)
+
+
+def allreduce_mean(values: Mapping[str, float], name: str) -> dict[str, float]:
+    """Average each named scalar over ranks (keys must be the same, in the same order, on all)."""
+    keys = sorted(values)
+    totals = allreduce_sum(np.array([values[k] for k in keys]), name)
+    size = init().size
+    return {k: float(t) / size for k, t in zip(keys, totals, strict=True)}
+
+
+def broadcast_object(obj: Any, name: str, root: int = 0) -> Any:
+    """Send a picklable Python value from `root` to every rank."""
+    import horovod.tensorflow as hvd
+
+    return hvd.broadcast_object(obj, root_rank=root, name=name)
+
+
+def allgather_object(obj: Any, name: str) -> list[Any]:
+    """Every rank's value, in rank order, on every rank."""
+    import horovod.tensorflow as hvd
+
+    return hvd.allgather_object(obj, name=name)
+
+
+def horovod_build() -> dict[str, Any]:
+    """What Horovod was built with, asked of Horovod itself (needs no init)."""
+    try:
+        import horovod
+        import horovod.tensorflow as hvd_tf
+    except ImportError as exc:
+        return {"installed": False, "error": str(exc)}
+    return {
+        "installed": True,
+        "version": horovod.__version__,
+        "tensorflow": True,
+        "mpi": bool(hvd_tf.mpi_built()),
+        "gloo": bool(hvd_tf.gloo_built()),
+        "nccl": bool(hvd_tf.nccl_built()),
+        "cuda": bool(hvd_tf.cuda_built()),
+    }

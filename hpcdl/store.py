@@ -1,0 +1,94 @@
+"""HDF5 layouts of run (trial) files; atomic writes; readers.
+
+Run file (one training run or one trial), readable with h5dump:
+  attributes: format=hpcdl-run, study, trial_number, state, stop_reason, params (JSON), seed,
+              ranks, hosts (JSON), versions (JSON), wall_seconds, n_params, dataset, config (JSON)
+  /epochs/<metric>: one value per finished epoch (loss, accuracy, val_loss, val_accuracy,
+              epoch_seconds, samples_per_second, learning_rate)
+  /test/<metric>: scalars, present when the run evaluated on test
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+RUN_FORMAT = "hpcdl-run"
+JSON_ATTRS = ("params", "hosts", "versions", "config")
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; rename it over `path` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@dataclass
+class RunRecord:
+    """Everything a run file holds."""
+
+    attrs: dict[str, Any]
+    epochs: dict[str, list[float]] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_epochs(self) -> int:
+        return len(next(iter(self.epochs.values()), []))
+
+
+def write_run(path: Path, record: RunRecord) -> None:
+    """Write (replace) a run file atomically."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
+        handle.attrs["format"] = RUN_FORMAT
+        for key, value in record.attrs.items():
+            if value is None:
+                continue
+            handle.attrs[key] = json.dumps(value, sort_keys=True) if key in JSON_ATTRS else value
+        epochs = handle.create_group("epochs")
+        for metric, values in record.epochs.items():
+            epochs.create_dataset(metric, data=np.asarray(values, dtype=np.float64))
+        test = handle.create_group("test")
+        for metric, value in record.test.items():
+            test.create_dataset(metric, data=np.float64(value))
+
+
+def read_run(path: Path) -> RunRecord:
+    """Read a run file written by write_run."""
+    with h5py.File(path, "r") as handle:
+        if handle.attrs.get("format") != RUN_FORMAT:
+            raise ValueError(f"{path}: not an hpcdl run file")
+        attrs: dict[str, Any] = {}
+        for key, value in handle.attrs.items():
+            if key == "format":
+                continue
+            if isinstance(value, np.generic):
+                value = value.item()
+            attrs[key] = json.loads(value) if key in JSON_ATTRS else value
+        epochs = {k: handle["epochs"][k][()].tolist() for k in handle["epochs"]}
+        test = {k: float(handle["test"][k][()]) for k in handle["test"]}
+    return RunRecord(attrs, epochs, test)
+
+
+def merge_epochs(
+    history: Mapping[str, list[float]], epoch: Mapping[str, float]
+) -> dict[str, list[float]]:
+    """Append one epoch's metrics to a history of lists."""
+    merged = {k: list(v) for k, v in history.items()}
+    for key, value in epoch.items():
+        merged.setdefault(key, []).append(float(value))
+    return merged

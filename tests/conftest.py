@@ -1,0 +1,105 @@
+"""Fixtures: tiny real files (IDX, npz, HDF5) and helpers to run hpcdl, also under mpirun."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Open MPI as root, on one host: allow root; no CMA single-copy (blocked in many containers).
+MPI_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
+    "OMPI_MCA_rmaps_base_oversubscribe": "1",
+    "PYTHONPATH": str(REPO),
+}
+
+
+def hpcdl_env(**extra: str) -> dict[str, str]:
+    """Environment for a child hpcdl process: this tree's code, MPI allowed as root."""
+    return {**os.environ, **MPI_ENV, **extra}
+
+
+def run_hpcdl(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the `hpcdl` console script as a user would."""
+    return subprocess.run(
+        [shutil.which("hpcdl") or "hpcdl", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=hpcdl_env(**env),
+        check=False,
+    )
+
+
+def run_mpi(
+    n: int, *command: str, timeout: float = 900, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `command` under Open MPI's mpirun with n ranks on this machine."""
+    return subprocess.run(
+        ["mpirun", "-np", str(n), *command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=hpcdl_env(**env),
+        check=False,
+    )
+
+
+def python_cmd(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int | None = None, gz: bool = False) -> Path:
+    """Write an IDX file (as MNIST ships them); magic defaults to ubyte with array.ndim dims."""
+    magic = (0x0800 | array.ndim) if magic is None else magic
+    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(payload))
+    else:
+        path.write_bytes(payload)
+    return path
+
+
+def make_idx_dir(
+    directory: Path, n_train: int = 200, n_test: int = 50, gz: bool = False, seed: int = 0
+) -> Path:
+    """A directory of the four standard IDX files with random 28x28 images, 10 classes."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(
+            directory / f"{prefix}-images-idx3-ubyte",
+            rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+            gz=gz,
+        )
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, gz=gz)
+    return directory
+
+
+@pytest.fixture
+def idx_dir(tmp_path: Path) -> Path:
+    return make_idx_dir(tmp_path / "idx")
+
+
+@pytest.fixture(scope="session")
+def digits_h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits dataset file, written once per test session."""
+    from hpcdl import data
+
+    out = tmp_path_factory.mktemp("data") / "digits.h5"
+    arrays = data.load_source("digits", data.SourceOptions())
+    data.write_dataset(arrays, out, val_fraction=0.1, seed=0)
+    return out

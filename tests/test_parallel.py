@@ -1,0 +1,99 @@
+"""hpcdl/parallel.py: launch detection, and Horovod over real Open MPI with 2 ranks."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import python_cmd, run_mpi
+from hpcdl import parallel
+
+
+def test_detect_launch_mpirun() -> None:
+    env = {
+        "OMPI_COMM_WORLD_RANK": "3",
+        "OMPI_COMM_WORLD_SIZE": "4",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+        "SLURM_JOB_ID": "77",
+    }
+    launch = parallel.detect_launch(env)
+    assert (launch.launcher, launch.rank, launch.size, launch.local_rank, launch.job_id) == (
+        "mpirun",
+        3,
+        4,
+        1,
+        "77",
+    )
+
+
+def test_detect_launch_srun_array_task() -> None:
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+        "PMIX_RANK": "5",
+        "SLURM_JOB_ID": "101",
+        "SLURM_ARRAY_JOB_ID": "100",
+        "SLURM_ARRAY_TASK_ID": "2",
+    }
+    launch = parallel.detect_launch(env)
+    assert (
+        launch.launcher,
+        launch.rank,
+        launch.size,
+        launch.local_rank,
+        launch.local_size,
+        launch.job_id,
+    ) == ("srun", 5, 8, 1, 4, "100_2")
+
+
+def test_detect_launch_batch_script_is_one_rank() -> None:
+    # Inside an sbatch script (no srun step) SLURM_NTASKS may be 8, but this process is alone.
+    launch = parallel.detect_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "9"})
+    assert (launch.launcher, launch.size) == ("single", 1)
+
+
+@pytest.mark.parametrize(("rule", "expected"), [("linear", 0.4), ("sqrt", 0.2), ("none", 0.1)])
+def test_scaled_learning_rate(rule: str, expected: float) -> None:
+    assert parallel.scaled_learning_rate(0.1, 4, rule) == pytest.approx(expected)
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_horovod_two_ranks_under_mpirun() -> None:
+    code = (
+        "from hpcdl import parallel; import numpy as np\n"
+        "r = parallel.init()\n"
+        "total = parallel.allreduce_sum(np.array([r.rank + 1.0]), 'test.sum')\n"
+        "obj = parallel.broadcast_object({'from': r.rank}, 'test.bcast')\n"
+        "print(f'RANK {r.rank} OF {r.size} LOCAL {r.local_rank} VIA {r.launcher} "
+        'SUM {total[0]:.0f} BCAST {obj["from"]}\', flush=True)\n'
+    )
+    result = run_mpi(2, *python_cmd(code), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # ranks share one stdout: match the reports wherever the two lines interleave
+    reports = sorted(re.findall(r"RANK \d OF \d LOCAL \d VIA \w+ SUM \d BCAST \d", result.stdout))
+    assert reports == [f"RANK {r} OF 2 LOCAL {r} VIA mpirun SUM 3 BCAST 0" for r in range(2)]
+
+
+@pytest.mark.slow
+def test_single_process_is_one_rank() -> None:
+    import subprocess
+    import sys
+
+    from conftest import hpcdl_env
+
+    code = "from hpcdl import parallel; r = parallel.init(); print(r.rank, r.size, r.launcher)"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=hpcdl_env(),
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "1", "single"]
