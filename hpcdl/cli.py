@@ -15,6 +15,9 @@ from hpcdl.errors import UserError
 log = logging.getLogger("hpcdl")
 
 EXIT_USER_ERROR = 2
+EXIT_FAILED = 1
+# "temporary failure, try again": a run stopped by SIGTERM/SIGUSR1 with its checkpoint kept.
+EXIT_INTERRUPTED = 75
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -87,6 +90,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from hpcdl import config, train
+
+    cfg = config.load(args.config, args.set)
+    out = Path(args.out) if args.out else cfg.results_dir / "runs" / f"{cfg.name}.h5"
+    result = train.train(cfg, out)
+    if result.stop_reason == train.INTERRUPTED:
+        return EXIT_INTERRUPTED
+    if result.stop_reason.startswith("failed"):
+        log.error("%s: run failed (%s) at epoch %d", out, result.stop_reason, result.n_epochs)
+        return EXIT_FAILED
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpcdl", description=__doc__)
     parser.add_argument("--version", action="version", version=f"hpcdl {__version__}")
@@ -119,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--y-test-key", default="y_test", help="test labels, if present")
     prepare.add_argument("--force", action="store_true", help="overwrite an existing output")
     prepare.set_defaults(func=cmd_prepare)
+
+    train = sub.add_parser("train", help="one data-parallel training run (under mpirun/srun)")
+    train.add_argument("--config", required=True, help="sweep config YAML")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.epochs=2 --set width=128")
+    train.add_argument("--out", help="run file .h5 (default <results_dir>/runs/<name>.h5); "
+                       "an interrupted run with the same --out resumes")
+    train.set_defaults(func=cmd_train)
     return parser
 
 
@@ -132,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"hpcdl {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception:
+        log.exception("hpcdl %s: unexpected error", args.command)
+        from hpcdl import parallel
+
+        parallel.abort_job(EXIT_FAILED)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -131,6 +131,14 @@ def any_rank(flag: bool) -> bool:
     return bool(_control_comm.allreduce(int(flag), op=MPI.MAX))
 
 
+def abort_job(code: int = 1) -> None:
+    """End every rank of the job: one rank failing alone would leave the rest in an allreduce."""
+    if _ranks is not None and _ranks.size > 1:
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Abort(code)
+
+
 def pin_gpu(local_rank: int) -> str | None:
     """One GPU per rank, by local rank modulo visible GPUs (works with --gpus-per-task too)."""
     import tensorflow as tf

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 RUN_FORMAT = "hpcdl-run"
-JSON_ATTRS = ("params", "hosts", "versions", "config")
+JSON_ATTRS = ("params", "hosts", "versions", "config", "train_shards", "weights_sha256")
 
 
 @contextmanager

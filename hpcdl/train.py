@@ -1,0 +1,355 @@
+"""One data-parallel training run: Horovod's Keras recipe plus what a sweep needs.
+
+Every rank reads its own shard of the dataset file, trains the same model (gradients averaged
+by Horovod), and evaluates its share of val/test; metrics are averaged over ranks (weighted by
+shard size). Rank 0 checkpoints every finished epoch and writes the run file. Each epoch's batch
+order derives from (seed, rank, epoch), so a resumed run sees the same batches as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hpcdl import __version__, data, logs, models, parallel, store
+from hpcdl.config import Config
+from hpcdl.errors import UserError
+
+log = logging.getLogger("hpcdl.train")
+
+COMPLETED = "completed"
+EARLY_STOPPED = "early-stopped"
+PRUNED = "pruned"
+INTERRUPTED = "interrupted"
+FAILED_NON_FINITE = "failed: non-finite loss"
+RUNNING = "running"
+FINAL_REASONS = (COMPLETED, EARLY_STOPPED, PRUNED)
+
+# A callback run on every rank after each epoch with the rank-averaged metrics; True = prune.
+# It must return the same answer on every rank (study.py broadcasts rank 0's decision).
+EpochHook = Callable[[int, Mapping[str, float]], bool]
+
+
+@dataclass
+class RunResult:
+    """How a run ended and what it measured."""
+
+    stop_reason: str
+    epochs: dict[str, list[float]]
+    test: dict[str, float]
+    n_params: int
+    wall_seconds: float
+    out: Path
+
+    @property
+    def n_epochs(self) -> int:
+        return len(self.epochs.get("loss", []))
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """Where a run's per-epoch checkpoints live: beside its run file."""
+    return out.with_name(out.name + ".ckpt")
+
+
+class StopRequest:
+    """Set by SIGTERM / SIGUSR1 (Slurm's time-limit warning); checked after every batch."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    @contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _make_stop_callback(stop: StopRequest) -> Any:
+    from tensorflow import keras
+
+    class AgreeOnStop(keras.callbacks.Callback):
+        """Stop all ranks after the same batch once any rank has been signalled."""
+
+        stopped = False
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if parallel.any_rank(stop.requested):
+                self.stopped = True
+                self.model.stop_training = True
+
+    return AgreeOnStop()
+
+
+def make_optimizer(params: Mapping[str, Any], learning_rate: float) -> Any:
+    from tensorflow import keras
+
+    name = params["optimizer"]
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=params["momentum"])
+    return {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop,
+            "nadam": keras.optimizers.Nadam}[name](learning_rate)
+
+
+def _normalise(x: Any) -> Any:
+    import tensorflow as tf
+
+    return tf.cast(x, tf.float32) / 255.0 if x.dtype == tf.uint8 else x
+
+
+class ShardBatches:
+    """This rank's training shard in memory once; per-epoch batches in a seeded order."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, rank: int):
+        import tensorflow as tf
+
+        self.x, self.y = tf.constant(x), tf.constant(y)
+        self.n, self.batch_size, self.seed, self.rank = len(y), batch_size, seed, rank
+        self.steps = self.n // batch_size
+
+    def epoch(self, epoch: int) -> Any:
+        import tensorflow as tf
+
+        order = np.random.default_rng([self.seed, self.rank, epoch]).permutation(self.n)
+        batches = order[: self.steps * self.batch_size].reshape(self.steps, self.batch_size)
+        x, y = self.x, self.y
+        return (tf.data.Dataset.from_tensor_slices(batches)
+                .map(lambda idx: (_normalise(tf.gather(x, idx)), tf.gather(y, idx)),
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                .prefetch(tf.data.AUTOTUNE))
+
+
+def evaluate_global(model: Any, x: np.ndarray, y: np.ndarray, name: str) -> dict[str, float]:
+    """Loss and accuracy over the union of all ranks' shards (weighted by shard size)."""
+    import tensorflow as tf
+
+    local = np.zeros(3)
+    if len(y):
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(512).map(
+            lambda a, b: (_normalise(a), b))
+        result = model.evaluate(ds, verbose=0, return_dict=True)
+        local = np.array([result["loss"] * len(y), result["accuracy"] * len(y), len(y)])
+    loss_sum, correct, count = parallel.allreduce_sum(local, name)
+    return {"loss": loss_sum / count, "accuracy": correct / count}
+
+
+def weights_digest(model: Any) -> str:
+    """sha256 of all weights: equal on every rank iff data-parallel averaging really happened."""
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    import horovod
+    import tensorflow as tf
+    import tf_keras
+    from mpi4py import MPI
+
+    return {"hpcdl": __version__, "python": sys.version.split()[0], "tensorflow": tf.__version__,
+            "keras": tf_keras.__version__, "horovod": horovod.__version__,
+            "mpi": MPI.Get_library_version().splitlines()[0].strip()}
+
+
+def _load_checkpoint(out: Path, model: Any) -> tuple[int, dict[str, list[float]], float]:
+    """Restore the newest complete epoch checkpoint; (epochs done, history, wall seconds so far)."""
+    import tensorflow as tf
+
+    ckpt_dir = checkpoint_dir(out)
+    done = sorted(ckpt_dir.glob("epoch-*")) if ckpt_dir.is_dir() else []
+    if not done:
+        return 0, {}, 0.0
+    latest = done[-1]
+    tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(
+        str(latest / "state")).expect_partial()
+    record = store.read_run(latest / "history.h5")
+    return record.n_epochs, record.epochs, float(record.attrs.get("wall_seconds", 0.0))
+
+
+def _save_checkpoint(out: Path, model: Any, epoch: int, record: store.RunRecord) -> None:
+    """Rank 0: write epoch `epoch`'s state to a temporary dir, rename it, drop older epochs."""
+    import tensorflow as tf
+
+    ckpt_dir = checkpoint_dir(out)
+    final = ckpt_dir / f"epoch-{epoch:05d}"
+    tmp = ckpt_dir / f".epoch-{epoch:05d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(tmp / "state"))
+    store.write_run(tmp / "history.h5", record)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for older in ckpt_dir.glob("epoch-*"):
+        if older != final:
+            shutil.rmtree(older, ignore_errors=True)
+
+
+def _resume_problem(out: Path) -> str | None:
+    """Why `out` cannot be (re)started, if it cannot: never overwrite a finished run."""
+    if not out.exists():
+        return None
+    try:
+        reason = store.read_run(out).attrs.get("stop_reason")
+    except (OSError, ValueError) as exc:
+        return f"{out}: exists and is not an hpcdl run file ({exc}); choose another --out"
+    if reason not in (RUNNING, INTERRUPTED):
+        return (f"{out}: this run already finished ({reason}); delete it or choose another "
+                "--out to train again")
+    return None
+
+
+def train(config: Config, out: Path, on_epoch: EpochHook | None = None,
+          run_attrs: Mapping[str, Any] | None = None) -> RunResult:
+    """Train `config`'s model on this job's ranks; rank 0 writes the run file `out`.
+
+    Resumes from `out`'s checkpoint if one exists. Returns on every rank with the same result.
+    """
+    wall_start = time.perf_counter()
+    ranks = parallel.init()
+    logs.configure(ranks.rank, ranks.size, ranks.host)
+    params = config.params
+    import tensorflow as tf
+    from tensorflow import keras
+
+    if params["intra_op_threads"]:
+        tf.config.threading.set_intra_op_parallelism_threads(params["intra_op_threads"])
+    gpu = parallel.pin_gpu(ranks.local_rank)
+    info = data.dataset_info(config.dataset_file)
+    models.check_architecture(params, info.sample_shape)
+    batch_size = params["batch_size"]
+    per_rank = info.sizes["train"] // ranks.size
+    if per_rank < batch_size:
+        raise UserError(
+            f"{config.dataset_file}: {info.sizes['train']} training samples over {ranks.size} "
+            f"ranks is {per_rank} per rank, fewer than one batch (train.batch_size "
+            f"{batch_size}); use fewer ranks or a smaller batch")
+    problem = _resume_problem(out) if ranks.is_root else None
+    problem = parallel.broadcast_object(problem, "train.resume_problem")
+    if problem:
+        raise UserError(problem)
+
+    keras.utils.set_random_seed(params["seed"])  # same initial weights on every rank
+    train_batches = ShardBatches(*data.read_shard(config.dataset_file, "train", ranks.rank,
+                                                  ranks.size), batch_size, params["seed"],
+                                 ranks.rank)
+    val_x, val_y = data.read_shard(config.dataset_file, "val", ranks.rank, ranks.size, equal=False)
+    model = models.build_model(params, info.sample_shape, info.n_classes)
+    learning_rate = parallel.scaled_learning_rate(params["learning_rate"], ranks.size,
+                                                  params["lr_scaling"])
+    model.compile(optimizer=parallel.distributed_optimizer(make_optimizer(params, learning_rate)),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    start_epoch, history, wall_before = _load_checkpoint(out, model)
+    start_epoch = parallel.broadcast_object(start_epoch, "train.start_epoch")
+    if start_epoch:
+        log.info("resuming %s after epoch %d", out, start_epoch)
+    hosts = parallel.allgather_object(ranks.host, "train.hosts")
+    shard = data.shard_bounds(info.sizes["train"], ranks.rank, ranks.size)
+    shards = parallel.allgather_object(list(shard), "train.shards")
+    attrs: dict[str, Any] = {
+        **(run_attrs or {}), "params": params, "seed": params["seed"], "ranks": ranks.size,
+        "hosts": hosts, "versions": versions(), "n_params": int(model.count_params()),
+        "dataset": str(config.dataset_file), "config": config.as_dict(),
+        "global_batch_size": batch_size * ranks.size, "steps_per_epoch": train_batches.steps,
+        "device": gpu or "cpu", "slurm_job_id": ranks.job_id, "train_shards": shards,
+    }
+    if ranks.is_root:
+        log.info("%s: %s, %d params, %d ranks x %d = global batch %d, %d steps/epoch, lr %.3g",
+                 out, params["family"], attrs["n_params"], ranks.size, batch_size,
+                 batch_size * ranks.size, train_batches.steps, learning_rate)
+
+    stop = StopRequest()
+    stop_callback = _make_stop_callback(stop)
+    callbacks = [*parallel.sync_callbacks(learning_rate, params["warmup_epochs"],
+                                          train_batches.steps), stop_callback]
+    verbose = (1 if sys.stdout.isatty() else 0) if ranks.is_root else 0
+    reason = COMPLETED
+    best_val_loss, epochs_since_best = math.inf, 0
+    with stop.installed():
+        for epoch in range(start_epoch, params["epochs"]):
+            began = time.perf_counter()
+            fit = model.fit(train_batches.epoch(epoch), epochs=epoch + 1, initial_epoch=epoch,
+                            verbose=verbose, callbacks=callbacks)
+            seconds = time.perf_counter() - began
+            if stop_callback.stopped:
+                reason = INTERRUPTED
+                log.warning("%s received: stopping after epoch %d's unfinished batch; the "
+                            "checkpoint of epoch %d stays for resumption",
+                            stop.signal_name or "stop from another rank", epoch + 1, epoch)
+                break
+            local = {"loss": fit.history["loss"][-1], "accuracy": fit.history["accuracy"][-1],
+                     "epoch_seconds": seconds}
+            metrics = parallel.allreduce_mean(local, f"train.epoch{epoch}")
+            val = evaluate_global(model, val_x, val_y, f"val.epoch{epoch}")
+            metrics.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                            "samples_per_second": train_batches.steps * batch_size * ranks.size
+                            / metrics["epoch_seconds"],
+                            "learning_rate": float(keras.backend.get_value(
+                                model.optimizer.learning_rate))})
+            if not all(math.isfinite(metrics[k]) for k in ("loss", "val_loss")):
+                reason = FAILED_NON_FINITE
+                log.error("epoch %d: loss %s, val_loss %s: stopping", epoch + 1,
+                          metrics["loss"], metrics["val_loss"])
+                history = store.merge_epochs(history, metrics)
+                break
+            history = store.merge_epochs(history, metrics)
+            if ranks.is_root:
+                log.info("epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f "
+                         "%.1fs %.0f samples/s", epoch + 1, params["epochs"], metrics["loss"],
+                         metrics["accuracy"], metrics["val_loss"], metrics["val_accuracy"],
+                         metrics["epoch_seconds"], metrics["samples_per_second"])
+                elapsed = wall_before + time.perf_counter() - wall_start
+                record = store.RunRecord({**attrs, "stop_reason": RUNNING,
+                                          "wall_seconds": elapsed}, history)
+                _save_checkpoint(out, model, epoch + 1, record)
+                store.write_run(out, record)
+            if on_epoch is not None and on_epoch(epoch, metrics):
+                reason = PRUNED
+                break
+            if params["patience"]:
+                if metrics["val_loss"] < best_val_loss:
+                    best_val_loss, epochs_since_best = metrics["val_loss"], 0
+                else:
+                    epochs_since_best += 1
+                    if epochs_since_best >= params["patience"]:
+                        reason = EARLY_STOPPED
+                        break
+
+    test: dict[str, float] = {}
+    if reason in (COMPLETED, EARLY_STOPPED):
+        test_x, test_y = data.read_shard(config.dataset_file, "test", ranks.rank, ranks.size,
+                                         equal=False)
+        test = evaluate_global(model, test_x, test_y, "test")
+    wall_seconds = wall_before + time.perf_counter() - wall_start
+    digests = parallel.allgather_object(weights_digest(model), "train.weights_digest")
+    if ranks.is_root:
+        if len(set(digests)) > 1:
+            log.error("ranks ended with different weights: gradients were not averaged")
+        store.write_run(out, store.RunRecord(
+            {**attrs, "stop_reason": reason, "wall_seconds": wall_seconds,
+             "weights_sha256": digests}, history, test))
+        if reason != INTERRUPTED:
+            shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+        log.info("%s: %s after %d epochs%s", out, reason, len(history.get("loss", [])),
+                 f", test accuracy {test['accuracy']:.4f}" if test else "")
+    return RunResult(reason, history, test, attrs["n_params"], wall_seconds, out)
