@@ -139,10 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="one data-parallel training run (under mpirun/srun)")
     train.add_argument("--config", required=True, help="sweep config YAML")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set train.epochs=2 --set width=128")
-    train.add_argument("--out", help="run file .h5 (default <results_dir>/runs/<name>.h5); "
-                       "an interrupted run with the same --out resumes")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=2 --set width=128",
+    )
+    train.add_argument(
+        "--out",
+        help="run file .h5 (default <results_dir>/runs/<name>.h5); "
+        "an interrupted run with the same --out resumes",
+    )
     train.set_defaults(func=cmd_train)
     return parser
 

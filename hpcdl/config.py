@@ -6,6 +6,7 @@ both read it, and both fill in the defaults it declares.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections.abc import Iterable, Mapping
@@ -109,7 +110,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     path = key.split(".")
     if len(path) == 1 and path[0] in param_sections():
         path = [param_sections()[path[0]], path[0]]
-    return path, yaml.safe_load(raw)
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        # YAML 1.1 reads 1e-3 as a string; on the command line a number is meant
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    return path, value
 
 
 def apply_overrides(document: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:

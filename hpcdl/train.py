@@ -107,8 +107,11 @@ def make_optimizer(params: Mapping[str, Any], learning_rate: float) -> Any:
     name = params["optimizer"]
     if name == "sgd":
         return keras.optimizers.SGD(learning_rate, momentum=params["momentum"])
-    return {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop,
-            "nadam": keras.optimizers.Nadam}[name](learning_rate)
+    return {
+        "adam": keras.optimizers.Adam,
+        "rmsprop": keras.optimizers.RMSprop,
+        "nadam": keras.optimizers.Nadam,
+    }[name](learning_rate)
 
 
 def _normalise(x: Any) -> Any:
@@ -133,10 +136,15 @@ class ShardBatches:
         order = np.random.default_rng([self.seed, self.rank, epoch]).permutation(self.n)
         batches = order[: self.steps * self.batch_size].reshape(self.steps, self.batch_size)
         x, y = self.x, self.y
-        return (tf.data.Dataset.from_tensor_slices(batches)
-                .map(lambda idx: (_normalise(tf.gather(x, idx)), tf.gather(y, idx)),
-                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-                .prefetch(tf.data.AUTOTUNE))
+        return (
+            tf.data.Dataset.from_tensor_slices(batches)
+            .map(
+                lambda idx: (_normalise(tf.gather(x, idx)), tf.gather(y, idx)),
+                num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True,
+            )
+            .prefetch(tf.data.AUTOTUNE)
+        )
 
 
 def evaluate_global(model: Any, x: np.ndarray, y: np.ndarray, name: str) -> dict[str, float]:
@@ -145,8 +153,11 @@ def evaluate_global(model: Any, x: np.ndarray, y: np.ndarray, name: str) -> dict
 
     local = np.zeros(3)
     if len(y):
-        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(512).map(
-            lambda a, b: (_normalise(a), b))
+        ds = (
+            tf.data.Dataset.from_tensor_slices((x, y))
+            .batch(512)
+            .map(lambda a, b: (_normalise(a), b))
+        )
         result = model.evaluate(ds, verbose=0, return_dict=True)
         local = np.array([result["loss"] * len(y), result["accuracy"] * len(y), len(y)])
     loss_sum, correct, count = parallel.allreduce_sum(local, name)
@@ -167,9 +178,14 @@ def versions() -> dict[str, str]:
     import tf_keras
     from mpi4py import MPI
 
-    return {"hpcdl": __version__, "python": sys.version.split()[0], "tensorflow": tf.__version__,
-            "keras": tf_keras.__version__, "horovod": horovod.__version__,
-            "mpi": MPI.Get_library_version().splitlines()[0].strip()}
+    return {
+        "hpcdl": __version__,
+        "python": sys.version.split()[0],
+        "tensorflow": tf.__version__,
+        "keras": tf_keras.__version__,
+        "horovod": horovod.__version__,
+        "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+    }
 
 
 def _load_checkpoint(out: Path, model: Any) -> tuple[int, dict[str, list[float]], float]:
@@ -182,7 +198,8 @@ def _load_checkpoint(out: Path, model: Any) -> tuple[int, dict[str, list[float]]
         return 0, {}, 0.0
     latest = done[-1]
     tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(
-        str(latest / "state")).expect_partial()
+        str(latest / "state")
+    ).expect_partial()
     record = store.read_run(latest / "history.h5")
     return record.n_epochs, record.epochs, float(record.attrs.get("wall_seconds", 0.0))
 
@@ -214,13 +231,19 @@ def _resume_problem(out: Path) -> str | None:
     except (OSError, ValueError) as exc:
         return f"{out}: exists and is not an hpcdl run file ({exc}); choose another --out"
     if reason not in (RUNNING, INTERRUPTED):
-        return (f"{out}: this run already finished ({reason}); delete it or choose another "
-                "--out to train again")
+        return (
+            f"{out}: this run already finished ({reason}); delete it or choose another "
+            "--out to train again"
+        )
     return None
 
 
-def train(config: Config, out: Path, on_epoch: EpochHook | None = None,
-          run_attrs: Mapping[str, Any] | None = None) -> RunResult:
+def train(
+    config: Config,
+    out: Path,
+    on_epoch: EpochHook | None = None,
+    run_attrs: Mapping[str, Any] | None = None,
+) -> RunResult:
     """Train `config`'s model on this job's ranks; rank 0 writes the run file `out`.
 
     Resumes from `out`'s checkpoint if one exists. Returns on every rank with the same result.
@@ -243,22 +266,30 @@ def train(config: Config, out: Path, on_epoch: EpochHook | None = None,
         raise UserError(
             f"{config.dataset_file}: {info.sizes['train']} training samples over {ranks.size} "
             f"ranks is {per_rank} per rank, fewer than one batch (train.batch_size "
-            f"{batch_size}); use fewer ranks or a smaller batch")
+            f"{batch_size}); use fewer ranks or a smaller batch"
+        )
     problem = _resume_problem(out) if ranks.is_root else None
     problem = parallel.broadcast_object(problem, "train.resume_problem")
     if problem:
         raise UserError(problem)
 
     keras.utils.set_random_seed(params["seed"])  # same initial weights on every rank
-    train_batches = ShardBatches(*data.read_shard(config.dataset_file, "train", ranks.rank,
-                                                  ranks.size), batch_size, params["seed"],
-                                 ranks.rank)
+    train_batches = ShardBatches(
+        *data.read_shard(config.dataset_file, "train", ranks.rank, ranks.size),
+        batch_size,
+        params["seed"],
+        ranks.rank,
+    )
     val_x, val_y = data.read_shard(config.dataset_file, "val", ranks.rank, ranks.size, equal=False)
     model = models.build_model(params, info.sample_shape, info.n_classes)
-    learning_rate = parallel.scaled_learning_rate(params["learning_rate"], ranks.size,
-                                                  params["lr_scaling"])
-    model.compile(optimizer=parallel.distributed_optimizer(make_optimizer(params, learning_rate)),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    learning_rate = parallel.scaled_learning_rate(
+        params["learning_rate"], ranks.size, params["lr_scaling"]
+    )
+    model.compile(
+        optimizer=parallel.distributed_optimizer(make_optimizer(params, learning_rate)),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     start_epoch, history, wall_before = _load_checkpoint(out, model)
     start_epoch = parallel.broadcast_object(start_epoch, "train.start_epoch")
     if start_epoch:
@@ -267,60 +298,110 @@ def train(config: Config, out: Path, on_epoch: EpochHook | None = None,
     shard = data.shard_bounds(info.sizes["train"], ranks.rank, ranks.size)
     shards = parallel.allgather_object(list(shard), "train.shards")
     attrs: dict[str, Any] = {
-        **(run_attrs or {}), "params": params, "seed": params["seed"], "ranks": ranks.size,
-        "hosts": hosts, "versions": versions(), "n_params": int(model.count_params()),
-        "dataset": str(config.dataset_file), "config": config.as_dict(),
-        "global_batch_size": batch_size * ranks.size, "steps_per_epoch": train_batches.steps,
-        "device": gpu or "cpu", "slurm_job_id": ranks.job_id, "train_shards": shards,
+        **(run_attrs or {}),
+        "params": params,
+        "seed": params["seed"],
+        "ranks": ranks.size,
+        "hosts": hosts,
+        "versions": versions(),
+        "n_params": int(model.count_params()),
+        "dataset": str(config.dataset_file),
+        "config": config.as_dict(),
+        "global_batch_size": batch_size * ranks.size,
+        "steps_per_epoch": train_batches.steps,
+        "device": gpu or "cpu",
+        "slurm_job_id": ranks.job_id,
+        "train_shards": shards,
     }
     if ranks.is_root:
-        log.info("%s: %s, %d params, %d ranks x %d = global batch %d, %d steps/epoch, lr %.3g",
-                 out, params["family"], attrs["n_params"], ranks.size, batch_size,
-                 batch_size * ranks.size, train_batches.steps, learning_rate)
+        log.info(
+            "%s: %s, %d params, %d ranks x %d = global batch %d, %d steps/epoch, lr %.3g",
+            out,
+            params["family"],
+            attrs["n_params"],
+            ranks.size,
+            batch_size,
+            batch_size * ranks.size,
+            train_batches.steps,
+            learning_rate,
+        )
 
     stop = StopRequest()
     stop_callback = _make_stop_callback(stop)
-    callbacks = [*parallel.sync_callbacks(learning_rate, params["warmup_epochs"],
-                                          train_batches.steps), stop_callback]
+    callbacks = [
+        *parallel.sync_callbacks(learning_rate, params["warmup_epochs"], train_batches.steps),
+        stop_callback,
+    ]
     verbose = (1 if sys.stdout.isatty() else 0) if ranks.is_root else 0
     reason = COMPLETED
     best_val_loss, epochs_since_best = math.inf, 0
     with stop.installed():
         for epoch in range(start_epoch, params["epochs"]):
             began = time.perf_counter()
-            fit = model.fit(train_batches.epoch(epoch), epochs=epoch + 1, initial_epoch=epoch,
-                            verbose=verbose, callbacks=callbacks)
+            fit = model.fit(
+                train_batches.epoch(epoch),
+                epochs=epoch + 1,
+                initial_epoch=epoch,
+                verbose=verbose,
+                callbacks=callbacks,
+            )
             seconds = time.perf_counter() - began
             if stop_callback.stopped:
                 reason = INTERRUPTED
-                log.warning("%s received: stopping after epoch %d's unfinished batch; the "
-                            "checkpoint of epoch %d stays for resumption",
-                            stop.signal_name or "stop from another rank", epoch + 1, epoch)
+                log.warning(
+                    "%s received: stopping after epoch %d's unfinished batch; the "
+                    "checkpoint of epoch %d stays for resumption",
+                    stop.signal_name or "stop from another rank",
+                    epoch + 1,
+                    epoch,
+                )
                 break
-            local = {"loss": fit.history["loss"][-1], "accuracy": fit.history["accuracy"][-1],
-                     "epoch_seconds": seconds}
+            local = {
+                "loss": fit.history["loss"][-1],
+                "accuracy": fit.history["accuracy"][-1],
+                "epoch_seconds": seconds,
+            }
             metrics = parallel.allreduce_mean(local, f"train.epoch{epoch}")
             val = evaluate_global(model, val_x, val_y, f"val.epoch{epoch}")
-            metrics.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                            "samples_per_second": train_batches.steps * batch_size * ranks.size
-                            / metrics["epoch_seconds"],
-                            "learning_rate": float(keras.backend.get_value(
-                                model.optimizer.learning_rate))})
+            metrics.update(
+                {
+                    "val_loss": val["loss"],
+                    "val_accuracy": val["accuracy"],
+                    "samples_per_second": train_batches.steps
+                    * batch_size
+                    * ranks.size
+                    / metrics["epoch_seconds"],
+                    "learning_rate": float(keras.backend.get_value(model.optimizer.learning_rate)),
+                }
+            )
             if not all(math.isfinite(metrics[k]) for k in ("loss", "val_loss")):
                 reason = FAILED_NON_FINITE
-                log.error("epoch %d: loss %s, val_loss %s: stopping", epoch + 1,
-                          metrics["loss"], metrics["val_loss"])
+                log.error(
+                    "epoch %d: loss %s, val_loss %s: stopping",
+                    epoch + 1,
+                    metrics["loss"],
+                    metrics["val_loss"],
+                )
                 history = store.merge_epochs(history, metrics)
                 break
             history = store.merge_epochs(history, metrics)
             if ranks.is_root:
-                log.info("epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f "
-                         "%.1fs %.0f samples/s", epoch + 1, params["epochs"], metrics["loss"],
-                         metrics["accuracy"], metrics["val_loss"], metrics["val_accuracy"],
-                         metrics["epoch_seconds"], metrics["samples_per_second"])
+                log.info(
+                    "epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f "
+                    "%.1fs %.0f samples/s",
+                    epoch + 1,
+                    params["epochs"],
+                    metrics["loss"],
+                    metrics["accuracy"],
+                    metrics["val_loss"],
+                    metrics["val_accuracy"],
+                    metrics["epoch_seconds"],
+                    metrics["samples_per_second"],
+                )
                 elapsed = wall_before + time.perf_counter() - wall_start
-                record = store.RunRecord({**attrs, "stop_reason": RUNNING,
-                                          "wall_seconds": elapsed}, history)
+                record = store.RunRecord(
+                    {**attrs, "stop_reason": RUNNING, "wall_seconds": elapsed}, history
+                )
                 _save_checkpoint(out, model, epoch + 1, record)
                 store.write_run(out, record)
             if on_epoch is not None and on_epoch(epoch, metrics):
@@ -337,19 +418,35 @@ def train(config: Config, out: Path, on_epoch: EpochHook | None = None,
 
     test: dict[str, float] = {}
     if reason in (COMPLETED, EARLY_STOPPED):
-        test_x, test_y = data.read_shard(config.dataset_file, "test", ranks.rank, ranks.size,
-                                         equal=False)
+        test_x, test_y = data.read_shard(
+            config.dataset_file, "test", ranks.rank, ranks.size, equal=False
+        )
         test = evaluate_global(model, test_x, test_y, "test")
     wall_seconds = wall_before + time.perf_counter() - wall_start
     digests = parallel.allgather_object(weights_digest(model), "train.weights_digest")
     if ranks.is_root:
         if len(set(digests)) > 1:
             log.error("ranks ended with different weights: gradients were not averaged")
-        store.write_run(out, store.RunRecord(
-            {**attrs, "stop_reason": reason, "wall_seconds": wall_seconds,
-             "weights_sha256": digests}, history, test))
+        store.write_run(
+            out,
+            store.RunRecord(
+                {
+                    **attrs,
+                    "stop_reason": reason,
+                    "wall_seconds": wall_seconds,
+                    "weights_sha256": digests,
+                },
+                history,
+                test,
+            ),
+        )
         if reason != INTERRUPTED:
             shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
-        log.info("%s: %s after %d epochs%s", out, reason, len(history.get("loss", [])),
-                 f", test accuracy {test['accuracy']:.4f}" if test else "")
+        log.info(
+            "%s: %s after %d epochs%s",
+            out,
+            reason,
+            len(history.get("loss", [])),
+            f", test accuracy {test['accuracy']:.4f}" if test else "",
+        )
     return RunResult(reason, history, test, attrs["n_params"], wall_seconds, out)

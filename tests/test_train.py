@@ -1,0 +1,142 @@
+"""`hpcdl train`: data parallelism is real (2 Open MPI ranks), resume is exact, failures clean."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+
+from conftest import hpcdl_env, run_hpcdl, run_mpi
+from hpcdl import data, store
+
+pytestmark = [pytest.mark.slow]
+
+SMOKE = "configs/smoke.yaml"
+
+
+@pytest.fixture
+def results(tmp_path: Path, digits_h5: Path) -> Path:
+    """A results dir holding the digits dataset file where the smoke config expects it."""
+    (tmp_path / "data").mkdir()
+    shutil.copy(digits_h5, tmp_path / "data" / "digits.h5")
+    return tmp_path
+
+
+def train_args(results: Path, out: Path, *overrides: str) -> list[str]:
+    args = ["train", "--config", SMOKE, "--set", f"results_dir={results}", "--out", str(out)]
+    for item in overrides:
+        args += ["--set", item]
+    return args
+
+
+@pytest.mark.mpi
+def test_two_ranks_average_gradients(results: Path) -> None:
+    out = results / "two.h5"
+    result = run_mpi(2, "hpcdl", *train_args(results, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = store.read_run(out)
+    assert run.attrs["ranks"] == 2 and run.attrs["stop_reason"] == "completed"
+    # identical weights on both ranks although each trained on its own shard
+    assert len(run.attrs["weights_sha256"]) == 2 and len(set(run.attrs["weights_sha256"])) == 1
+    (a0, a1), (b0, b1) = run.attrs["train_shards"]
+    assert a1 <= b0 and a1 - a0 == b1 - b0 > 0
+    n_train = data.dataset_info(out.parent / "data" / "digits.h5").sizes["train"]
+    assert run.attrs["global_batch_size"] == 32 * 2
+    assert run.attrs["steps_per_epoch"] == n_train // (32 * 2)
+    assert run.n_epochs == 4 and run.epochs["val_accuracy"][-1] > 0.9
+    assert 0.9 < run.test["accuracy"] <= 1.0
+    # every log line of a rank names the rank; only rank 0 reports epochs
+    epoch_lines = [ln for ln in result.stderr.splitlines() if "hpcdl.train: epoch" in ln]
+    assert len(epoch_lines) == 4 and all("[rank 0/2@" in ln for ln in epoch_lines)
+    header = subprocess.run(["h5dump", "-H", str(out)], capture_output=True, text=True, check=True)
+    assert 'DATASET "val_accuracy"' in header.stdout
+
+
+def test_one_rank(results: Path) -> None:
+    out = results / "one.h5"
+    result = run_hpcdl(*train_args(results, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = store.read_run(out)
+    assert run.attrs["ranks"] == 1 and run.epochs["val_accuracy"][-1] > 0.9
+    assert set(run.epochs) >= {
+        "loss",
+        "accuracy",
+        "val_loss",
+        "val_accuracy",
+        "epoch_seconds",
+        "samples_per_second",
+    }
+    assert run.attrs["params"]["width"] == 64 and run.attrs["versions"]["keras"].startswith("2.18")
+    assert not (results / "one.h5.ckpt").exists()  # checkpoints dropped once complete
+    again = run_hpcdl(*train_args(results, out))  # a finished run is never overwritten
+    assert again.returncode == 2 and "already finished (completed)" in again.stderr
+
+
+@pytest.mark.mpi
+def test_sigterm_then_resume_equals_uninterrupted(results: Path) -> None:
+    # batch size 2 makes each epoch last seconds, so the signal lands inside epoch 3
+    slow = ("train.batch_size=2",)
+    out = results / "resumed.h5"
+    command = ["mpirun", "-np", "2", "hpcdl", *train_args(results, out, *slow)]
+    job = subprocess.Popen(
+        command, env=hpcdl_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    checkpoint = results / "resumed.h5.ckpt" / "epoch-00002"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=120)
+    assert "SIGTERM received" in stderr, stderr[-3000:]
+    assert "exited on signal" not in stderr  # ranks stopped themselves, nothing was killed
+    interrupted = store.read_run(out)
+    # the signal may land during epoch 3's validation: then epoch 3 is kept too
+    assert interrupted.attrs["stop_reason"] == "interrupted" and 2 <= interrupted.n_epochs < 4
+
+    resumed = run_mpi(2, "hpcdl", *train_args(results, out, *slow))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"after epoch {interrupted.n_epochs}" in resumed.stderr
+    final = store.read_run(out)
+    assert final.attrs["stop_reason"] == "completed" and final.n_epochs == 4
+
+    reference = results / "uninterrupted.h5"
+    assert run_mpi(2, "hpcdl", *train_args(results, reference, *slow)).returncode == 0
+    expected = store.read_run(reference)
+    assert final.attrs["weights_sha256"] == expected.attrs["weights_sha256"]
+    assert final.epochs["val_loss"] == expected.epochs["val_loss"]
+    assert final.test == expected.test
+
+
+def test_non_finite_loss_is_a_clean_failure(results: Path) -> None:
+    out = results / "nan.h5"
+    result = run_hpcdl(*train_args(results, out, "learning_rate=1.0e9", "optimizer=sgd"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "run failed (failed: non-finite loss)" in result.stderr
+    assert store.read_run(out).attrs["stop_reason"] == "failed: non-finite loss"
+
+
+@pytest.mark.mpi
+def test_more_ranks_than_a_batch_of_samples(results: Path) -> None:
+    result = run_mpi(2, "hpcdl", *train_args(results, results / "x.h5", "batch_size=700"))
+    assert result.returncode != 0
+    assert "1293 training samples over 2 ranks is 646 per rank, fewer than one batch" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_dataset_missing_or_foreign(results: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    result = run_hpcdl(*train_args(empty, empty / "x.h5"))
+    assert result.returncode == 2
+    assert f"{empty}/data/digits.h5: dataset file does not exist" in result.stderr
+    with h5py.File(results / "data" / "digits.h5", "r+") as f:
+        f.attrs["format"] = "something-else"
+    result = run_hpcdl(*train_args(results, results / "x.h5"))
+    assert result.returncode == 2 and "not an hpcdl dataset file" in result.stderr
