@@ -104,6 +104,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from hpcdl import config, study
+
+    cfg = config.load(args.config, args.set)
+    outcome = study.Worker(cfg, args.worker_id).run()
+    return EXIT_INTERRUPTED if outcome == "interrupted" else 0
+
+
+def cmd_storage_serve(args: argparse.Namespace) -> int:
+    import optuna
+
+    from hpcdl import config, study
+
+    cfg = config.load(args.config, args.set)
+    backend = study.open_storage(cfg, args.backend)
+    if args.port is None:
+        url = cfg.storage_url
+        if not url.startswith("grpc://"):
+            raise UserError(f"{args.config}: storage is {url!r}; give --port, or set storage to "
+                            "grpc://HOST:PORT so workers know where to connect")
+        args.port = int(url.rpartition(":")[2])
+    log.info("serving %s (study %s) on %s:%d for grpc:// workers; Ctrl-C stops",
+             args.backend or "the sweep's journal", cfg.name, args.host, args.port)
+    optuna.storages.run_grpc_proxy_server(backend, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpcdl", description=__doc__)
     parser.add_argument("--version", action="version", version=f"hpcdl {__version__}")
@@ -152,6 +179,27 @@ def build_parser() -> argparse.ArgumentParser:
         "an interrupted run with the same --out resumes",
     )
     train.set_defaults(func=cmd_train)
+
+    worker = sub.add_parser("worker", help="pull trials from the sweep's study until its budget "
+                            "is spent (run under mpirun/srun: one worker, many ranks)")
+    worker.add_argument("--config", required=True, help="sweep config YAML")
+    worker.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value")
+    worker.add_argument("--worker-id", type=int, default=0,
+                        help="this worker's index (seeds its sampler; default 0)")
+    worker.set_defaults(func=cmd_worker)
+
+    storage = sub.add_parser("storage", help="study storage services")
+    storage_sub = storage.add_subparsers(dest="storage_command", required=True)
+    serve = storage_sub.add_parser("serve", help="Optuna's gRPC storage proxy in front of the "
+                                   "sweep's storage, for workers on many nodes")
+    serve.add_argument("--config", required=True, help="sweep config YAML")
+    serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    serve.add_argument("--backend", default="journal",
+                       help="storage behind the proxy (default: the sweep's journal file)")
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    serve.add_argument("--port", type=int, help="port (default: from the config's grpc:// URL)")
+    serve.set_defaults(func=cmd_storage_serve)
     return parser
 
 

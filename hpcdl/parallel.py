@@ -89,12 +89,21 @@ _ranks: Ranks | None = None
 _control_comm: Any = None  # a private MPI communicator for cheap Python-level agreement
 
 
-def init() -> Ranks:
-    """Start MPI (mpi4py first, stack.md) and Horovod; check Horovod sees what the launcher set."""
+def init(threads_per_rank: int = 0) -> Ranks:
+    """Start MPI (mpi4py first, stack.md) and Horovod; check Horovod sees what the launcher set.
+
+    threads_per_rank > 0 caps TensorFlow's thread pools, which is only possible before
+    TensorFlow runs its first op (Horovod's init runs some), so it is done here.
+    """
     global _ranks, _control_comm
     if _ranks is not None:
         return _ranks
     launch = detect_launch()
+    if threads_per_rank:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads_per_rank)
+        tf.config.threading.set_inter_op_parallelism_threads(threads_per_rank)
     import horovod.tensorflow.keras as hvd
     from mpi4py import MPI  # must initialise MPI before Horovod does (stack.md)
 

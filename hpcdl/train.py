@@ -249,14 +249,11 @@ def train(
     Resumes from `out`'s checkpoint if one exists. Returns on every rank with the same result.
     """
     wall_start = time.perf_counter()
-    ranks = parallel.init()
-    logs.configure(ranks.rank, ranks.size, ranks.host)
     params = config.params
-    import tensorflow as tf
+    ranks = parallel.init(params["intra_op_threads"])
+    logs.configure(ranks.rank, ranks.size, ranks.host)
     from tensorflow import keras
 
-    if params["intra_op_threads"]:
-        tf.config.threading.set_intra_op_parallelism_threads(params["intra_op_threads"])
     gpu = parallel.pin_gpu(ranks.local_rank)
     info = data.dataset_info(config.dataset_file)
     models.check_architecture(params, info.sample_shape)
