@@ -9,7 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(openmpi-bin libopenmpi-dev libpmix-dev dataset-fashion-mnist hdf5-tools "$@")
+# postgresql: the tests run a real PostgreSQL server as one of the study storages.
+DEBIAN_PACKAGES=(openmpi-bin libopenmpi-dev libpmix-dev dataset-fashion-mnist hdf5-tools
+                 postgresql "$@")
 HOROVOD_PIN="horovod==0.28.1"
 PYTHON="${PYTHON:-python3}"
 CACHE_DIR="${HPCDL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hpcdl}"
@@ -32,11 +34,14 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $apt_cmd >/dev/null
 fi
 
-pins_hash=$( { cat requirements.lock; echo "$HOROVOD_PIN"; "$PYTHON" --version; } | sha256sum | cut -c1-16)
-venv="$CACHE_DIR/venv-$pins_hash"
-stamp="$venv/.hpcdl-complete"
+# The venv is keyed on what Horovod is compiled against; the rest of the lock is synced into it
+# with a stamp of its own, so adding a pure-Python package does not rebuild Horovod.
+build_pins=$(grep -iE '^(tensorflow|tf[-_]keras|mpi4py|numpy)==' requirements.lock | sort)
+build_hash=$( { echo "$build_pins"; echo "$HOROVOD_PIN"; "$PYTHON" --version; } | sha256sum | cut -c1-16)
+lock_hash=$(sha256sum requirements.lock | cut -c1-16)
+venv="$CACHE_DIR/venv-$build_hash"
 
-if [[ ! -f "$stamp" ]]; then
+if [[ ! -f "$venv/.hpcdl-horovod" ]]; then
   log "building venv $venv (TensorFlow, then Horovod from source: ~5 min)"
   rm -rf "$venv"
   mkdir -p "$CACHE_DIR"
@@ -46,7 +51,13 @@ if [[ ! -f "$stamp" ]]; then
   HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
   HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 HOROVOD_CPU_OPERATIONS=MPI \
     "$venv/bin/pip" install -q --no-cache-dir --no-build-isolation "$HOROVOD_PIN"
-  touch "$stamp"
+  touch "$venv/.hpcdl-horovod"
+fi
+if [[ ! -f "$venv/.hpcdl-lock-$lock_hash" ]]; then
+  log "syncing $venv with requirements.lock"
+  "$venv/bin/pip" install -q -r requirements.lock
+  rm -f "$venv"/.hpcdl-lock-*
+  touch "$venv/.hpcdl-lock-$lock_hash"
 else
   log "venv up to date ($venv)"
 fi

@@ -52,7 +52,7 @@ def heartbeat(storage: BaseStorage, trial_id: int, interval_s: float) -> Iterato
                     storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
                 else:
                     storage.set_trial_system_attr(trial_id, HEARTBEAT, time.time())
-            except Exception:  # noqa: BLE001 - a missed beat must not kill the training
+            except Exception:
                 continue
 
     if optuna_heartbeat:

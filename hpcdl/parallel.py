@@ -10,15 +10,16 @@ from __future__ import annotations
 import math
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from hpcdl.errors import UserError
 
 LR_SCALING_RULES = ("linear", "sqrt", "none")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,25 @@ def broadcast_object(obj: Any, name: str, root: int = 0) -> Any:
     import horovod.tensorflow as hvd
 
     return hvd.broadcast_object(obj, root_rank=root, name=name)
+
+
+def on_root(step: Callable[[], T], name: str) -> T | None:
+    """Run `step` on rank 0 only; if it fails with a UserError, raise it on every rank.
+
+    Without this, rank 0 would exit with the error while the other ranks wait forever in the
+    next collective.
+    """
+    problem: str | None = None
+    result: T | None = None
+    if init().is_root:
+        try:
+            result = step()
+        except UserError as exc:
+            problem = str(exc)
+    problem = broadcast_object(problem, name)
+    if problem is not None:
+        raise UserError(problem)
+    return result
 
 
 def allgather_object(obj: Any, name: str) -> list[Any]:

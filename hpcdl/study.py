@@ -63,10 +63,7 @@ def open_storage(config: Config, url: str | None = None) -> BaseStorage:
             if url.startswith("sqlite:"):
                 log.warning("storage %s: SQLite is for one node; on several nodes use journal "
                             "on a shared file system, PostgreSQL, or the gRPC proxy", url)
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=max(1, int(search["heartbeat_s"])),
-                grace_period=max(2, int(search["stale_after_s"])),
-                heartbeat_stale_trial_callback=retry)
+            return _open_rdb(url, search, retry)
         if url.startswith("grpc://"):
             host, _, port = url.removeprefix("grpc://").rpartition(":")
             if not host or not port.isdigit():
@@ -75,10 +72,29 @@ def open_storage(config: Config, url: str | None = None) -> BaseStorage:
             return optuna.storages.GrpcStorageProxy(host=host, port=int(port))
     except ConfigError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any driver error becomes one clear line
+    except Exception as exc:
         raise ConfigError(f"{config.origin}: storage: cannot open {url!r}: {exc}") from exc
     raise ConfigError(f"{config.origin}: storage: {url!r} is not journal, sqlite:///FILE, "
                       "postgresql://..., mysql://... or grpc://HOST:PORT")
+
+
+def _open_rdb(url: str, search: Mapping[str, Any],
+              retry: RetryHeartbeatStaleTrialCallback) -> BaseStorage:
+    """RDBStorage with Optuna's heartbeat. Workers starting together race to create the
+    tables (PostgreSQL: duplicate key on CREATE TYPE), so a failed first open is retried."""
+    def connect() -> BaseStorage:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=max(1, int(search["heartbeat_s"])),
+            grace_period=max(2, int(search["stale_after_s"])),
+            heartbeat_stale_trial_callback=retry)
+
+    for delay in (0.5, 1.0, 2.0):
+        try:
+            return connect()
+        except Exception as exc:
+            log.info("storage %s: %s; retrying in %.1fs", url, str(exc).splitlines()[0], delay)
+            time.sleep(delay)
+    return connect()  # the last attempt's error goes to the caller
 
 
 def make_sampler(config: Config, worker_id: int) -> optuna.samplers.BaseSampler:
@@ -124,7 +140,7 @@ def grid_space(space: Mapping[str, Mapping[str, Any]]) -> dict[str, list[Any]]:
             grid[name] = list(range(int(dist["low"]), int(dist["high"]) + 1,
                                     int(dist["step"] or 1)))
         else:
-            n = int(round((dist["high"] - dist["low"]) / dist["step"])) + 1
+            n = round((dist["high"] - dist["low"]) / dist["step"]) + 1
             grid[name] = [float(dist["low"] + i * dist["step"]) for i in range(n)]
     return grid
 
@@ -184,8 +200,10 @@ def replaced_numbers(trials: list[FrozenTrial]) -> set[int]:
     return {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
 
 
-def budget(trials: list[FrozenTrial], count_failed: bool) -> Budget:
-    replaced = replaced_numbers(trials)
+def budget(trials: list[FrozenTrial], count_failed: bool,
+           replaced: set[int] | None = None) -> Budget:
+    """Count `trials`; `replaced` (default: found among them) are failures re-run elsewhere."""
+    replaced = replaced_numbers(trials) if replaced is None else replaced
     failed = sum(1 for t in trials if t.state == TrialState.FAIL and t.number not in replaced
                  and not t.system_attrs.get(SURPLUS))
     done = sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
@@ -198,15 +216,17 @@ def budget_left(study: optuna.Study, config: Config) -> str | None:
     """None while trials may still be started; otherwise why the sweep is over."""
     search = config.section("search")
     trials = study.get_trials(deepcopy=False)
-    spent = budget(trials, search["count_failed"])
-    if spent.claimed >= search["n_trials"]:
-        return f"budget of {search['n_trials']} trials claimed"
-    if spent.failed >= search["n_trials"]:
-        return f"{spent.failed} trials failed: giving up"
     if search["timeout_min"] is not None:
         starts = [t.datetime_start.timestamp() for t in trials if t.datetime_start]
         if starts and time.time() - min(starts) > search["timeout_min"] * 60:
             return f"wall-clock budget of {search['timeout_min']} min spent"
+    spent = budget(trials, search["count_failed"])
+    if spent.failed >= search["n_trials"]:
+        return f"{spent.failed} trials failed: giving up"
+    if any(t.state == TrialState.WAITING for t in trials):
+        return None  # enqueued or re-queued trials are claimed budget that still needs a worker
+    if spent.claimed >= search["n_trials"]:
+        return f"budget of {search['n_trials']} trials claimed"
     return None
 
 
@@ -217,8 +237,10 @@ def is_surplus(study: optuna.Study, trial: Trial, config: Config) -> bool:
     the trials numbered below it already claim n_trials.
     """
     search = config.section("search")
-    earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
-    return budget(earlier, search["count_failed"]).claimed >= search["n_trials"]
+    trials = study.get_trials(deepcopy=False)
+    earlier = [t for t in trials if t.number < trial.number]
+    claimed = budget(earlier, search["count_failed"], replaced_numbers(trials)).claimed
+    return claimed >= search["n_trials"]
 
 
 # ---------------------------------------------------------------- recovery
@@ -305,8 +327,7 @@ class Worker:
         logs.configure(self.ranks.rank, self.ranks.size, self.ranks.host)
         self.study: optuna.Study | None = None
         self.trial: Trial | None = None
-        if self.ranks.is_root:
-            self.study = open_study(config, worker_id)
+        self.study = parallel.on_root(lambda: open_study(config, worker_id), "worker.open")
 
     def next_plan(self) -> Plan | None:
         """Rank 0: recover stale trials, check the budget, ask. Others: None."""
@@ -393,8 +414,10 @@ class Worker:
                            "interrupted (SIGTERM/SIGUSR1): re-run from its checkpoint")
         elif reason == train.PRUNED:
             self._tell(TrialState.PRUNED)
+            log.info("trial %d: pruned after %d epochs", self.trial.number, result.n_epochs)
         elif reason.startswith("failed"):
             self._tell(TrialState.FAIL, reason=reason)
+            log.warning("trial %d: %s", self.trial.number, reason)
         else:
             self.study.tell(self.trial, objective_values(self.config, result))
             log.info("trial %d: %s, value %s", self.trial.number, reason,

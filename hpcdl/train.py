@@ -439,11 +439,12 @@ def train(
         )
         if reason != INTERRUPTED:
             shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
-        log.info(
-            "%s: %s after %d epochs%s",
-            out,
-            reason,
-            len(history.get("loss", [])),
-            f", test accuracy {test['accuracy']:.4f}" if test else "",
-        )
+    # every rank says where it stopped: proof that no rank ran on alone
+    log.info(
+        "%s: %s after %d epochs%s",
+        out,
+        reason,
+        len(history.get("loss", [])),
+        f", test accuracy {test['accuracy']:.4f}" if test else "",
+    )
     return RunResult(reason, history, test, attrs["n_params"], wall_seconds, out)

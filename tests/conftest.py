@@ -103,3 +103,40 @@ def digits_h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
     arrays = data.load_source("digits", data.SourceOptions())
     data.write_dataset(arrays, out, val_fraction=0.1, seed=0)
     return out
+
+
+def write_sweep_config(results: Path, name: str = "sweep", **sections: dict) -> Path:
+    """A sweep config based on configs/smoke.yaml, results under `results`, sections merged."""
+    import yaml
+
+    document = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    document.update(name=name, results_dir=str(results))
+    # one TF thread per rank: several 2-rank workers share this machine's 2 cores
+    document["train"]["intra_op_threads"] = 1
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            document.setdefault(section, {}).update(values)
+        else:
+            document[section] = values
+    path = results / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+@pytest.fixture
+def results(tmp_path: Path, digits_h5: Path) -> Path:
+    """A results dir holding the digits dataset file where the smoke config expects it."""
+    (tmp_path / "data").mkdir()
+    shutil.copy(digits_h5, tmp_path / "data" / "digits.h5")
+    return tmp_path
+
+
+def start_worker(config: Path, worker_id: int, ranks: int = 2,
+                 log: Path | None = None) -> subprocess.Popen[str]:
+    """`mpirun -np ranks hpcdl worker` in its own process group (so a test can kill it all)."""
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        ["mpirun", "-np", str(ranks), "hpcdl", "worker", "--config", str(config),
+         "--worker-id", str(worker_id)],
+        env=hpcdl_env(), stdout=out, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import time
@@ -17,14 +16,6 @@ from hpcdl import data, store
 pytestmark = [pytest.mark.slow]
 
 SMOKE = "configs/smoke.yaml"
-
-
-@pytest.fixture
-def results(tmp_path: Path, digits_h5: Path) -> Path:
-    """A results dir holding the digits dataset file where the smoke config expects it."""
-    (tmp_path / "data").mkdir()
-    shutil.copy(digits_h5, tmp_path / "data" / "digits.h5")
-    return tmp_path
 
 
 def train_args(results: Path, out: Path, *overrides: str) -> list[str]:
