@@ -10,9 +10,14 @@ PYTEST_ARGS ?=
 setup:
 	bash .ci/install.sh
 
+DEMO_CONFIG ?= configs/demo.yaml
+
+# A real local sweep on Fashion-MNIST: prepare, 2 workers sharing one Optuna study, the
+# final retrain, aggregate and the report.
 demo: setup
 	hpcdl doctor
-	hpcdl prepare fashion_mnist --out results/data/fashion_mnist.h5 --force
+	snakemake --profile profiles/local --configfile $(DEMO_CONFIG)
+	@echo "report: $$(python -c 'from hpcdl import config; print(config.load("$(DEMO_CONFIG)").sweep_dir)')/report.html"
 
 test: setup
 	ruff check hpcdl tests

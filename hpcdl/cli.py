@@ -54,22 +54,35 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from hpcdl import data
+    from hpcdl import config, data
 
-    options = data.SourceOptions(
-        source=args.source,
-        x_key=args.x_key,
-        y_key=args.y_key,
-        x_test_key=args.x_test_key,
-        y_test_key=args.y_test_key,
-        test_fraction=args.test_fraction,
-        seed=args.seed,
-    )
+    if args.config:
+        cfg = config.load(args.config, args.set)
+        section = cfg.section("dataset")
+        args.out = args.out or str(cfg.dataset_file)
+        spec, source = section["source"], section["source_dir"]
+        keys = {k: section[k] for k in ("x_key", "y_key", "x_test_key", "y_test_key")}
+        fractions = section["val_fraction"], section["test_fraction"], section["seed"]
+    elif args.dataset:
+        spec, source = args.dataset, args.source
+        keys = {
+            "x_key": args.x_key,
+            "y_key": args.y_key,
+            "x_test_key": args.x_test_key,
+            "y_test_key": args.y_test_key,
+        }
+        fractions = args.val_fraction, args.test_fraction, args.seed
+    else:
+        raise UserError(
+            "give a DATASET (fashion_mnist, mnist, digits, npz:FILE, hdf5:FILE) or --config CFG"
+        )
+    val_fraction, test_fraction, seed = fractions
+    options = data.SourceOptions(source=source, test_fraction=test_fraction, seed=seed, **keys)
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not args.force:
         raise UserError(f"{out}: already exists; pass --force to overwrite it")
-    log.info("reading %s", args.dataset)
-    arrays = data.load_source(args.dataset, options)
+    log.info("reading %s", spec)
+    arrays = data.load_source(spec, options)
     out = out or Path("results/data") / f"{arrays.name}.h5"
     total = len(arrays.train_x) + len(arrays.test_x)
     with Progress(transient=True) as progress:
@@ -77,8 +90,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         sizes = data.write_dataset(
             arrays,
             out,
-            args.val_fraction,
-            args.seed,
+            val_fraction,
+            seed,
             force=args.force,
             progress=lambda rows: progress.advance(task, rows),
         )
@@ -122,12 +135,53 @@ def cmd_storage_serve(args: argparse.Namespace) -> int:
     if args.port is None:
         url = cfg.storage_url
         if not url.startswith("grpc://"):
-            raise UserError(f"{args.config}: storage is {url!r}; give --port, or set storage to "
-                            "grpc://HOST:PORT so workers know where to connect")
+            raise UserError(
+                f"{args.config}: storage is {url!r}; give --port, or set storage to "
+                "grpc://HOST:PORT so workers know where to connect"
+            )
         args.port = int(url.rpartition(":")[2])
-    log.info("serving %s (study %s) on %s:%d for grpc:// workers; Ctrl-C stops",
-             args.backend or "the sweep's journal", cfg.name, args.host, args.port)
+    log.info(
+        "serving %s (study %s) on %s:%d for grpc:// workers; Ctrl-C stops",
+        args.backend or "the sweep's journal",
+        cfg.name,
+        args.host,
+        args.port,
+    )
     optuna.storages.run_grpc_proxy_server(backend, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_final(args: argparse.Namespace) -> int:
+    from hpcdl import config, parallel, study, train
+
+    cfg = config.load(args.config, args.set)
+    ranks = parallel.init(cfg.params["intra_op_threads"])
+    logs.configure(ranks.rank, ranks.size, ranks.host)
+    best = parallel.broadcast_object(
+        parallel.on_root(lambda: study.best_trial(cfg), "final.best"), "final.params")
+    number, params = best
+    seed = study.trial_seed(cfg.section("search")["seed"], number)
+    folder = cfg.sweep_dir / "best"
+    if ranks.is_root:
+        log.info("retraining trial %d's params on train+val: %s", number, params)
+    result = train.train(cfg.with_params({**params, "seed": seed}), folder / "run.h5",
+                         run_attrs={"study": cfg.name, "best_trial": number},
+                         fit_on_val=True, save_model=folder / "model.keras")
+    return EXIT_INTERRUPTED if result.stop_reason == train.INTERRUPTED else 0
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from hpcdl import config, report
+
+    h5, csv = report.aggregate(config.load(args.config, args.set))
+    print(f"{h5}\n{csv}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hpcdl import config, report
+
+    print(report.report(config.load(args.config, args.set)))
     return 0
 
 
@@ -141,7 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(func=cmd_doctor)
 
     prepare = sub.add_parser("prepare", help="write a dataset HDF5 file")
-    prepare.add_argument("dataset", help="fashion_mnist | mnist | digits | npz:FILE | hdf5:FILE")
+    prepare.add_argument(
+        "dataset", nargs="?", help="fashion_mnist | mnist | digits | npz:FILE | hdf5:FILE"
+    )
+    prepare.add_argument("--config", help="take the dataset and output from a sweep config")
+    prepare.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (with --config)",
+    )
     prepare.add_argument("--out", help="output .h5 (default results/data/<name>.h5)")
     prepare.add_argument("--source", help="directory of the IDX files, or 'keras' to download")
     prepare.add_argument(
@@ -180,23 +244,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=cmd_train)
 
-    worker = sub.add_parser("worker", help="pull trials from the sweep's study until its budget "
-                            "is spent (run under mpirun/srun: one worker, many ranks)")
+    worker = sub.add_parser(
+        "worker",
+        help="pull trials from the sweep's study until its budget "
+        "is spent (run under mpirun/srun: one worker, many ranks)",
+    )
     worker.add_argument("--config", required=True, help="sweep config YAML")
-    worker.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value")
-    worker.add_argument("--worker-id", type=int, default=0,
-                        help="this worker's index (seeds its sampler; default 0)")
+    worker.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
+    )
+    worker.add_argument(
+        "--worker-id",
+        type=int,
+        default=0,
+        help="this worker's index (seeds its sampler; default 0)",
+    )
     worker.set_defaults(func=cmd_worker)
+
+    for name, func, text in (
+        ("final", cmd_final, "retrain the best trial's params on train+val -> "
+         "<sweep>/best/model.keras and run.h5 (under mpirun/srun)"),
+        ("aggregate", cmd_aggregate, "sweep -> summary.h5 and summary.csv"),
+        ("report", cmd_report, "sweep -> report.html with figures (and the summary)"),
+    ):
+        verb = sub.add_parser(name, help=text)
+        verb.add_argument("--config", required=True, help="sweep config YAML")
+        verb.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        verb.set_defaults(func=func)
 
     storage = sub.add_parser("storage", help="study storage services")
     storage_sub = storage.add_subparsers(dest="storage_command", required=True)
-    serve = storage_sub.add_parser("serve", help="Optuna's gRPC storage proxy in front of the "
-                                   "sweep's storage, for workers on many nodes")
+    serve = storage_sub.add_parser(
+        "serve",
+        help="Optuna's gRPC storage proxy in front of the "
+        "sweep's storage, for workers on many nodes",
+    )
     serve.add_argument("--config", required=True, help="sweep config YAML")
     serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    serve.add_argument("--backend", default="journal",
-                       help="storage behind the proxy (default: the sweep's journal file)")
+    serve.add_argument(
+        "--backend",
+        default="journal",
+        help="storage behind the proxy (default: the sweep's journal file)",
+    )
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on")
     serve.add_argument("--port", type=int, help="port (default: from the config's grpc:// URL)")
     serve.set_defaults(func=cmd_storage_serve)

@@ -23,8 +23,14 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "configs" / "schema.yaml"
 # Trial parameters live in these sections; their keys are disjoint, so a param is a bare name.
 PARAM_SECTIONS = ("model", "train")
 # What a run records per epoch, and per run: the metrics a sweep may optimise.
-EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds",
-                 "samples_per_second")
+EPOCH_METRICS = (
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "epoch_seconds",
+    "samples_per_second",
+)
 RUN_METRICS = ("n_params", "wall_seconds")
 
 
@@ -96,17 +102,23 @@ def _check_search_space(document: dict[str, Any], origin: str) -> None:
         if dist["type"] == "int" and not (float(low).is_integer() and float(high).is_integer()):
             raise ConfigError(f"{where}: int range needs integer bounds, got {low}..{high}")
     if search["metric"] not in EPOCH_METRICS:
-        raise ConfigError(f"{origin}: search.metric: unknown metric {search['metric']!r}; "
-                          f"expected one of {list(EPOCH_METRICS)}")
+        raise ConfigError(
+            f"{origin}: search.metric: unknown metric {search['metric']!r}; "
+            f"expected one of {list(EPOCH_METRICS)}"
+        )
     second = search["second_objective"]
     if second:
         if second["metric"] not in EPOCH_METRICS + RUN_METRICS:
-            raise ConfigError(f"{origin}: search.second_objective.metric: unknown metric "
-                              f"{second['metric']!r}; expected one of "
-                              f"{list(EPOCH_METRICS + RUN_METRICS)}")
+            raise ConfigError(
+                f"{origin}: search.second_objective.metric: unknown metric "
+                f"{second['metric']!r}; expected one of "
+                f"{list(EPOCH_METRICS + RUN_METRICS)}"
+            )
         if search["pruner"] != "none":
-            raise ConfigError(f"{origin}: search.pruner: Optuna cannot prune a two-objective "
-                              f"sweep; set pruner: none (got {search['pruner']!r})")
+            raise ConfigError(
+                f"{origin}: search.pruner: Optuna cannot prune a two-objective "
+                f"sweep; set pruner: none (got {search['pruner']!r})"
+            )
     if search["sampler"] == "grid":
         continuous = [
             n for n, d in search["space"].items() if d["type"] == "float" and d["step"] is None

@@ -30,8 +30,13 @@ HEARTBEAT = "hpcdl:heartbeat"
 
 def owner_attrs(worker_id: int, job_id: str | None) -> dict[str, Any]:
     """What identifies this worker process (rank 0) as the owner of a trial."""
-    return {HOST: socket.gethostname(), PID: os.getpid(), JOB: job_id, WORKER: worker_id,
-            HEARTBEAT: time.time()}
+    return {
+        HOST: socket.gethostname(),
+        PID: os.getpid(),
+        JOB: job_id,
+        WORKER: worker_id,
+        HEARTBEAT: time.time(),
+    }
 
 
 def uses_optuna_heartbeat(storage: BaseStorage) -> bool:
@@ -88,6 +93,8 @@ def stale_reason(trial: FrozenTrial, stale_after_s: float, now: float | None = N
         return f"owner pid {attrs[PID]} on {attrs[HOST]} is gone"
     age = now - float(attrs[HEARTBEAT])
     if age > stale_after_s:
-        return (f"no heartbeat from {attrs.get(HOST)} pid {attrs.get(PID)} "
-                f"(job {attrs.get(JOB)}) for {age:.0f}s")
+        return (
+            f"no heartbeat from {attrs.get(HOST)} pid {attrs.get(PID)} "
+            f"(job {attrs.get(JOB)}) for {age:.0f}s"
+        )
     return None

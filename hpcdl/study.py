@@ -48,8 +48,9 @@ def open_storage(config: Config, url: str | None = None) -> BaseStorage:
     """The config's storage URL as an Optuna storage; ConfigError with the reason if it fails."""
     url = config.storage_url if url is None else url
     search = config.section("search")
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES,
-                                             inherit_intermediate_values=True)
+    retry = RetryHeartbeatStaleTrialCallback(
+        max_retry=MAX_RETRIES, inherit_intermediate_values=True
+    )
     try:
         if url == "journal":
             path = journal_path(config)
@@ -61,8 +62,11 @@ def open_storage(config: Config, url: str | None = None) -> BaseStorage:
             return optuna.storages.JournalStorage(backend)
         if url.startswith(("sqlite:", "postgresql:", "postgresql+", "mysql:", "mysql+")):
             if url.startswith("sqlite:"):
-                log.warning("storage %s: SQLite is for one node; on several nodes use journal "
-                            "on a shared file system, PostgreSQL, or the gRPC proxy", url)
+                log.warning(
+                    "storage %s: SQLite is for one node; on several nodes use journal "
+                    "on a shared file system, PostgreSQL, or the gRPC proxy",
+                    url,
+                )
             return _open_rdb(url, search, retry)
         if url.startswith("grpc://"):
             host, _, port = url.removeprefix("grpc://").rpartition(":")
@@ -74,19 +78,25 @@ def open_storage(config: Config, url: str | None = None) -> BaseStorage:
         raise
     except Exception as exc:
         raise ConfigError(f"{config.origin}: storage: cannot open {url!r}: {exc}") from exc
-    raise ConfigError(f"{config.origin}: storage: {url!r} is not journal, sqlite:///FILE, "
-                      "postgresql://..., mysql://... or grpc://HOST:PORT")
+    raise ConfigError(
+        f"{config.origin}: storage: {url!r} is not journal, sqlite:///FILE, "
+        "postgresql://..., mysql://... or grpc://HOST:PORT"
+    )
 
 
-def _open_rdb(url: str, search: Mapping[str, Any],
-              retry: RetryHeartbeatStaleTrialCallback) -> BaseStorage:
+def _open_rdb(
+    url: str, search: Mapping[str, Any], retry: RetryHeartbeatStaleTrialCallback
+) -> BaseStorage:
     """RDBStorage with Optuna's heartbeat. Workers starting together race to create the
     tables (PostgreSQL: duplicate key on CREATE TYPE), so a failed first open is retried."""
+
     def connect() -> BaseStorage:
         return optuna.storages.RDBStorage(
-            url, heartbeat_interval=max(1, int(search["heartbeat_s"])),
+            url,
+            heartbeat_interval=max(1, int(search["heartbeat_s"])),
             grace_period=max(2, int(search["stale_after_s"])),
-            heartbeat_stale_trial_callback=retry)
+            heartbeat_stale_trial_callback=retry,
+        )
 
     for delay in (0.5, 1.0, 2.0):
         try:
@@ -105,8 +115,7 @@ def make_sampler(config: Config, worker_id: int) -> optuna.samplers.BaseSampler:
     worker_seed = int(np.random.SeedSequence([seed, worker_id]).generate_state(1)[0])
     name = search["sampler"]
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=worker_seed, multivariate=True,
-                                          constant_liar=True)
+        return optuna.samplers.TPESampler(seed=worker_seed, multivariate=True, constant_liar=True)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=worker_seed)
     if name == "grid":
@@ -120,11 +129,14 @@ def make_pruner(config: Config) -> optuna.pruners.BasePruner:
     search, epochs = config.section("search"), config.params["epochs"]
     name = search["pruner"]
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=search["pruner_startup_trials"],
-                                           n_warmup_steps=search["pruner_warmup_epochs"])
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=search["pruner_startup_trials"],
+            n_warmup_steps=search["pruner_warmup_epochs"],
+        )
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs,
-                                              reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=epochs, reduction_factor=3
+        )
     if name == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     return optuna.pruners.NopPruner()
@@ -137,8 +149,9 @@ def grid_space(space: Mapping[str, Mapping[str, Any]]) -> dict[str, list[Any]]:
         if dist["type"] == "categorical":
             grid[name] = list(dist["choices"])
         elif dist["type"] == "int":
-            grid[name] = list(range(int(dist["low"]), int(dist["high"]) + 1,
-                                    int(dist["step"] or 1)))
+            grid[name] = list(
+                range(int(dist["low"]), int(dist["high"]) + 1, int(dist["step"] or 1))
+            )
         else:
             n = round((dist["high"] - dist["low"]) / dist["step"]) + 1
             grid[name] = [float(dist["low"] + i * dist["step"]) for i in range(n)]
@@ -152,11 +165,17 @@ def suggest(trial: Trial, space: Mapping[str, Mapping[str, Any]]) -> dict[str, A
         if dist["type"] == "categorical":
             params[name] = trial.suggest_categorical(name, dist["choices"])
         elif dist["type"] == "int":
-            params[name] = trial.suggest_int(name, int(dist["low"]), int(dist["high"]),
-                                             step=int(dist["step"] or 1), log=dist["log"])
+            params[name] = trial.suggest_int(
+                name,
+                int(dist["low"]),
+                int(dist["high"]),
+                step=int(dist["step"] or 1),
+                log=dist["log"],
+            )
         else:
-            params[name] = trial.suggest_float(name, dist["low"], dist["high"],
-                                               step=dist["step"], log=dist["log"])
+            params[name] = trial.suggest_float(
+                name, dist["low"], dist["high"], step=dist["step"], log=dist["log"]
+            )
     return params
 
 
@@ -166,18 +185,26 @@ def directions(config: Config) -> list[str]:
     return [search["direction"]] + ([second["direction"]] if second else [])
 
 
-def open_study(config: Config, worker_id: int = 0, storage: BaseStorage | None = None
-               ) -> optuna.Study:
+def open_study(
+    config: Config, worker_id: int = 0, storage: BaseStorage | None = None
+) -> optuna.Study:
     """Create or load the sweep's study; refuse one created for other objectives."""
     storage = storage or open_storage(config)
     wanted = directions(config)
-    study = optuna.create_study(study_name=config.name, storage=storage, load_if_exists=True,
-                                sampler=make_sampler(config, worker_id),
-                                pruner=make_pruner(config), directions=wanted)
+    study = optuna.create_study(
+        study_name=config.name,
+        storage=storage,
+        load_if_exists=True,
+        sampler=make_sampler(config, worker_id),
+        pruner=make_pruner(config),
+        directions=wanted,
+    )
     have = [d.name.lower() for d in study.directions]
     if have != wanted:
-        raise ConfigError(f"{config.origin}: study {config.name!r} in {config.storage_url}"
-                          f" was created to {have}, but the config asks to {wanted}")
+        raise ConfigError(
+            f"{config.origin}: study {config.name!r} in {config.storage_url}"
+            f" was created to {have}, but the config asks to {wanted}"
+        )
     if "config" not in study.user_attrs:
         study.set_user_attr("config", config.as_dict())
     return study
@@ -200,12 +227,18 @@ def replaced_numbers(trials: list[FrozenTrial]) -> set[int]:
     return {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
 
 
-def budget(trials: list[FrozenTrial], count_failed: bool,
-           replaced: set[int] | None = None) -> Budget:
+def budget(
+    trials: list[FrozenTrial], count_failed: bool, replaced: set[int] | None = None
+) -> Budget:
     """Count `trials`; `replaced` (default: found among them) are failures re-run elsewhere."""
     replaced = replaced_numbers(trials) if replaced is None else replaced
-    failed = sum(1 for t in trials if t.state == TrialState.FAIL and t.number not in replaced
-                 and not t.system_attrs.get(SURPLUS))
+    failed = sum(
+        1
+        for t in trials
+        if t.state == TrialState.FAIL
+        and t.number not in replaced
+        and not t.system_attrs.get(SURPLUS)
+    )
     done = sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
     active = sum(1 for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING))
     finished = done + (failed if count_failed else 0)
@@ -259,8 +292,9 @@ def fail_and_retry(study: optuna.Study, trial_id: int, reason: str) -> bool:
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
     failed = storage.get_trial(trial_id)
-    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES,
-                                     inherit_intermediate_values=True)(study, failed)
+    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES, inherit_intermediate_values=True)(
+        study, failed
+    )
     return True
 
 
@@ -341,8 +375,9 @@ class Worker:
                     storage.set_trial_system_attr(trial._trial_id, key, value)
             if is_surplus(self.study, trial, self.config):
                 storage.set_trial_system_attr(trial._trial_id, SURPLUS, True)
-                storage.set_trial_system_attr(trial._trial_id, FAIL_REASON,
-                                              "surplus: other workers claimed the budget first")
+                storage.set_trial_system_attr(
+                    trial._trial_id, FAIL_REASON, "surplus: other workers claimed the budget first"
+                )
                 self.study.tell(trial, state=TrialState.FAIL)
                 continue
             params = suggest(trial, self.config.section("search")["space"])
@@ -353,8 +388,10 @@ class Worker:
             self.trial = trial
             if resume_from is not None:
                 self._adopt_checkpoint(resume_from, trial.number)
-            seed = trial_seed(self.config.section("search")["seed"],
-                              resume_from if resume_from is not None else trial.number)
+            seed = trial_seed(
+                self.config.section("search")["seed"],
+                resume_from if resume_from is not None else trial.number,
+            )
             return Plan(trial.number, params, seed, resume_from)
         log.info("worker %d: no more trials (%s)", self.worker_id, over)
         return None
@@ -385,15 +422,22 @@ class Worker:
         """Train the plan's params on all ranks; rank 0 tells the study how it ended."""
         config = self.config.with_params({**plan.params, "seed": plan.seed})
         out = self.config.trial_file(plan.number)
-        attrs = {"study": self.config.name, "trial_number": plan.number,
-                 "worker_id": self.worker_id, "resumed_from_trial": plan.resume_from}
+        attrs = {
+            "study": self.config.name,
+            "trial_number": plan.number,
+            "worker_id": self.worker_id,
+            "resumed_from_trial": plan.resume_from,
+        }
         if self.ranks.is_root:
             log.info("trial %d: %s", plan.number, plan.params)
         try:
             if self.ranks.is_root:
                 assert self.study is not None and self.trial is not None
-                with liveness.heartbeat(self.study._storage, self.trial._trial_id,
-                                        self.config.section("search")["heartbeat_s"]):
+                with liveness.heartbeat(
+                    self.study._storage,
+                    self.trial._trial_id,
+                    self.config.section("search")["heartbeat_s"],
+                ):
                     result = train.train(config, out, on_epoch=self.report, run_attrs=attrs)
             else:
                 result = train.train(config, out, on_epoch=self.report, run_attrs=attrs)
@@ -410,8 +454,11 @@ class Worker:
         assert self.study is not None and self.trial is not None
         reason = result.stop_reason
         if reason == train.INTERRUPTED:
-            fail_and_retry(self.study, self.trial._trial_id,
-                           "interrupted (SIGTERM/SIGUSR1): re-run from its checkpoint")
+            fail_and_retry(
+                self.study,
+                self.trial._trial_id,
+                "interrupted (SIGTERM/SIGUSR1): re-run from its checkpoint",
+            )
         elif reason == train.PRUNED:
             self._tell(TrialState.PRUNED)
             log.info("trial %d: pruned after %d epochs", self.trial.number, result.n_epochs)
@@ -420,8 +467,12 @@ class Worker:
             log.warning("trial %d: %s", self.trial.number, reason)
         else:
             self.study.tell(self.trial, objective_values(self.config, result))
-            log.info("trial %d: %s, value %s", self.trial.number, reason,
-                     objective_values(self.config, result))
+            log.info(
+                "trial %d: %s, value %s",
+                self.trial.number,
+                reason,
+                objective_values(self.config, result),
+            )
 
     def _tell(self, state: TrialState, reason: str | None = None) -> None:
         assert self.study is not None and self.trial is not None
@@ -439,3 +490,15 @@ class Worker:
             result = self.run_trial(plan)
             if result is not None and result.stop_reason == train.INTERRUPTED:
                 return "interrupted"
+
+
+def best_trial(config: Config) -> tuple[int, dict[str, Any]]:
+    """The trial to retrain: the best complete one (first objective for a Pareto sweep)."""
+    s = optuna.load_study(study_name=config.name, storage=open_storage(config))
+    complete = s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise UserError(f"{config.origin}: study {config.name!r} has no complete trial to "
+                        "retrain (see `hpcdl status`)")
+    sign = 1 if config.section("search")["direction"] == "maximize" else -1
+    best = max(complete, key=lambda t: sign * t.values[0])
+    return best.number, dict(best.params)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -36,7 +37,8 @@ PRUNED = "pruned"
 INTERRUPTED = "interrupted"
 FAILED_NON_FINITE = "failed: non-finite loss"
 RUNNING = "running"
-FINAL_REASONS = (COMPLETED, EARLY_STOPPED, PRUNED)
+LOGGED_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds",
+                  "samples_per_second")
 
 # A callback run on every rank after each epoch with the rank-averaged metrics; True = prune.
 # It must return the same answer on every rank (study.py broadcasts rank 0's decision).
@@ -164,6 +166,29 @@ def evaluate_global(model: Any, x: np.ndarray, y: np.ndarray, name: str) -> dict
     return {"loss": loss_sum / count, "accuracy": correct / count}
 
 
+def _epoch_metrics(
+    fit_history: Mapping[str, list[float]],
+    seconds: float,
+    batches: ShardBatches,
+    size: int,
+    model: Any,
+) -> dict[str, float]:
+    """This epoch's training metrics averaged over ranks, plus global throughput."""
+    from tensorflow import keras
+
+    local = {
+        "loss": fit_history["loss"][-1],
+        "accuracy": fit_history["accuracy"][-1],
+        "epoch_seconds": seconds,
+    }
+    metrics = parallel.allreduce_mean(local, "train.metrics")
+    metrics["samples_per_second"] = (
+        batches.steps * batches.batch_size * size / metrics["epoch_seconds"]
+    )
+    metrics["learning_rate"] = float(keras.backend.get_value(model.optimizer.learning_rate))
+    return metrics
+
+
 def weights_digest(model: Any) -> str:
     """sha256 of all weights: equal on every rank iff data-parallel averaging really happened."""
     digest = hashlib.sha256()
@@ -222,6 +247,17 @@ def _save_checkpoint(out: Path, model: Any, epoch: int, record: store.RunRecord)
             shutil.rmtree(older, ignore_errors=True)
 
 
+def _save_model(model: Any, params: Mapping[str, Any], info: data.DatasetInfo, path: Path) -> None:
+    """Save the trained weights in a plain (non-Horovod) copy of the model, atomically."""
+    clean = models.build_model(params, info.sample_shape, info.n_classes)
+    clean.set_weights(model.get_weights())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")  # Keras wants the suffix
+    clean.save(tmp)
+    os.replace(tmp, path)
+    log.info("saved model %s", path)
+
+
 def _resume_problem(out: Path) -> str | None:
     """Why `out` cannot be (re)started, if it cannot: never overwrite a finished run."""
     if not out.exists():
@@ -243,10 +279,14 @@ def train(
     out: Path,
     on_epoch: EpochHook | None = None,
     run_attrs: Mapping[str, Any] | None = None,
+    fit_on_val: bool = False,
+    save_model: Path | None = None,
 ) -> RunResult:
     """Train `config`'s model on this job's ranks; rank 0 writes the run file `out`.
 
     Resumes from `out`'s checkpoint if one exists. Returns on every rank with the same result.
+    fit_on_val: train on train+val (the final model; no validation, no early stopping).
+    save_model: rank 0 also saves the trained Keras model there (.keras, no optimizer).
     """
     wall_start = time.perf_counter()
     params = config.params
@@ -271,13 +311,14 @@ def train(
         raise UserError(problem)
 
     keras.utils.set_random_seed(params["seed"])  # same initial weights on every rank
-    train_batches = ShardBatches(
-        *data.read_shard(config.dataset_file, "train", ranks.rank, ranks.size),
-        batch_size,
-        params["seed"],
-        ranks.rank,
+    train_x, train_y = data.read_shard(config.dataset_file, "train", ranks.rank, ranks.size)
+    val_x, val_y = data.read_shard(
+        config.dataset_file, "val", ranks.rank, ranks.size, equal=fit_on_val
     )
-    val_x, val_y = data.read_shard(config.dataset_file, "val", ranks.rank, ranks.size, equal=False)
+    if fit_on_val:
+        train_x, train_y = np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])
+    train_batches = ShardBatches(train_x, train_y, batch_size, params["seed"], ranks.rank)
+    del train_x, train_y
     model = models.build_model(params, info.sample_shape, info.n_classes)
     learning_rate = parallel.scaled_learning_rate(
         params["learning_rate"], ranks.size, params["lr_scaling"]
@@ -353,48 +394,20 @@ def train(
                     epoch,
                 )
                 break
-            local = {
-                "loss": fit.history["loss"][-1],
-                "accuracy": fit.history["accuracy"][-1],
-                "epoch_seconds": seconds,
-            }
-            metrics = parallel.allreduce_mean(local, f"train.epoch{epoch}")
-            val = evaluate_global(model, val_x, val_y, f"val.epoch{epoch}")
-            metrics.update(
-                {
-                    "val_loss": val["loss"],
-                    "val_accuracy": val["accuracy"],
-                    "samples_per_second": train_batches.steps
-                    * batch_size
-                    * ranks.size
-                    / metrics["epoch_seconds"],
-                    "learning_rate": float(keras.backend.get_value(model.optimizer.learning_rate)),
-                }
-            )
-            if not all(math.isfinite(metrics[k]) for k in ("loss", "val_loss")):
+            metrics = _epoch_metrics(fit.history, seconds, train_batches, ranks.size, model)
+            if not fit_on_val:
+                val = evaluate_global(model, val_x, val_y, f"val.epoch{epoch}")
+                metrics.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"]})
+            if not all(math.isfinite(v) for k, v in metrics.items() if k.endswith("loss")):
                 reason = FAILED_NON_FINITE
-                log.error(
-                    "epoch %d: loss %s, val_loss %s: stopping",
-                    epoch + 1,
-                    metrics["loss"],
-                    metrics["val_loss"],
-                )
+                log.error("epoch %d: non-finite loss %s: stopping", epoch + 1, metrics)
                 history = store.merge_epochs(history, metrics)
                 break
             history = store.merge_epochs(history, metrics)
             if ranks.is_root:
-                log.info(
-                    "epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f "
-                    "%.1fs %.0f samples/s",
-                    epoch + 1,
-                    params["epochs"],
-                    metrics["loss"],
-                    metrics["accuracy"],
-                    metrics["val_loss"],
-                    metrics["val_accuracy"],
-                    metrics["epoch_seconds"],
-                    metrics["samples_per_second"],
-                )
+                shown = [k for k in LOGGED_METRICS if k in metrics]
+                log.info("epoch %d/%d: %s", epoch + 1, params["epochs"],
+                         " ".join(f"{k} {metrics[k]:.4g}" for k in shown))
                 elapsed = wall_before + time.perf_counter() - wall_start
                 record = store.RunRecord(
                     {**attrs, "stop_reason": RUNNING, "wall_seconds": elapsed}, history
@@ -404,7 +417,7 @@ def train(
             if on_epoch is not None and on_epoch(epoch, metrics):
                 reason = PRUNED
                 break
-            if params["patience"]:
+            if params["patience"] and not fit_on_val:
                 if metrics["val_loss"] < best_val_loss:
                     best_val_loss, epochs_since_best = metrics["val_loss"], 0
                 else:
@@ -421,6 +434,8 @@ def train(
         test = evaluate_global(model, test_x, test_y, "test")
     wall_seconds = wall_before + time.perf_counter() - wall_start
     digests = parallel.allgather_object(weights_digest(model), "train.weights_digest")
+    if save_model is not None and ranks.is_root and reason in (COMPLETED, EARLY_STOPPED):
+        _save_model(model, params, info, save_model)
     if ranks.is_root:
         if len(set(digests)) > 1:
             log.error("ranks ended with different weights: gradients were not averaged")

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Stop the cluster slurm-up.sh started: cancel its jobs, stop its daemons (by their pid files).
+set -uo pipefail
+BASE=${HPCDL_SLURM_DIR:-/tmp/hpcdl-slurm}
+export SLURM_CONF=$BASE/etc/slurm.conf
+[[ -f $SLURM_CONF ]] && scancel --full --quiet --user="$(id -un)" 2>/dev/null
+for pidfile in "$BASE"/run/slurmd-*.pid "$BASE"/run/slurmctld.pid "$BASE"/run/munged.pid; do
+  [[ -f $pidfile ]] || continue
+  pid=$(cat "$pidfile")
+  kill "$pid" 2>/dev/null && for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  rm -f "$pidfile"
+done
+echo "[slurm-down] stopped" >&2

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Start a real Slurm cluster on this one machine: slurmctld plus TWO emulated nodes (n1, n2),
+# each a slurmd on its own port, with munge auth and PMIx for `srun --mpi=pmix`.
+# Idempotent: installs what is missing (as root), starts only daemons that are not running.
+# Prints `export SLURM_CONF=...` for the caller. Stop with slurm-down.sh (stops only these).
+set -euo pipefail
+BASE=${HPCDL_SLURM_DIR:-/tmp/hpcdl-slurm}
+CONF=$BASE/etc/slurm.conf
+HOST=$(hostname -s)
+log() { printf '[slurm-up] %s\n' "$*" >&2; }
+alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+need=()
+for pkg in slurm-wlm munge libpmix-dev openmpi-bin; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+if ((${#need[@]})); then
+  [[ $(id -u) -eq 0 ]] || { log "run as root, or: apt-get install ${need[*]}"; exit 1; }
+  log "installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+mkdir -p "$BASE"/{etc,state,log,run} "$BASE"/spool/{n1,n2} "$BASE"/tmp/{n1,n2}
+if [[ ! -s /etc/munge/munge.key ]]; then
+  log "creating a munge key"
+  mkdir -p /etc/munge
+  dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
+fi
+chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
+mkdir -p /run/munge /var/log/munge /var/lib/munge && chown munge:munge /run/munge /var/log/munge /var/lib/munge
+if ! pgrep -x munged >/dev/null; then
+  runuser -u munge -- /usr/sbin/munged --pid-file="$BASE/run/munged.pid"
+fi
+
+mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 3 ))
+cat > "$CONF" <<CONFEOF
+ClusterName=hpcdl-test
+SlurmctldHost=$HOST(127.0.0.1)
+SlurmctldPort=6817
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+SchedulerParameters=batch_sched_delay=0
+SlurmdParameters=config_overrides
+ReturnToService=2
+MinJobAge=300
+KillWait=10
+StateSaveLocation=$BASE/state
+SlurmdSpoolDir=$BASE/spool/%n
+TmpFS=$BASE/tmp/%n
+SlurmctldPidFile=$BASE/run/slurmctld.pid
+SlurmdPidFile=$BASE/run/slurmd-%n.pid
+SlurmctldLogFile=$BASE/log/slurmctld.log
+SlurmdLogFile=$BASE/log/slurmd-%n.log
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+NodeName=n[1-2] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[6821-6822] CPUs=2 RealMemory=$mem_mb State=UNKNOWN
+PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP DefMemPerCPU=1000
+CONFEOF
+
+export SLURM_CONF=$CONF
+alive "$BASE/run/slurmctld.pid" || { log "starting slurmctld"; slurmctld -f "$CONF"; }
+for node in n1 n2; do
+  alive "$BASE/run/slurmd-$node.pid" || { log "starting slurmd $node"; slurmd -N "$node" -f "$CONF"; }
+done
+for _ in $(seq 100); do
+  if [[ $(sinfo -h -N -o '%T' 2>/dev/null | grep -cE '^(idle|mixed|allocated)') -eq 2 ]]; then
+    log "cluster up: $(sinfo -h -o '%P %D %T' | tr '\n' ' ')"
+    echo "export SLURM_CONF=$CONF"
+    exit 0
+  fi
+  scontrol update nodename=n[1-2] state=resume >/dev/null 2>&1 || true
+  sleep 0.2
+done
+log "nodes did not come up:"; sinfo -N >&2 || true; tail -20 "$BASE"/log/*.log >&2
+exit 1
