@@ -10,9 +10,16 @@ in the hpcdl package.
 import yaml
 from snakemake.utils import validate
 
+import hpcdl.config
 
-# The one schema, shared with hpcdl's own loader; fills in the same defaults.
+
+# The one schema, shared with hpcdl's own loader; fills in the same defaults. Then hpcdl's
+# checks beyond the schema (search space, metrics, ranks vs GPUs, container), so that bad
+# input stops here, before any job is submitted.
 validate(config, "configs/schema.yaml")
+hpcdl.config.Config(config, origin="--configfile").check_container(
+    apptainer="APPTAINER" in str(workflow.deployment_settings.deployment_method).upper()
+)
 
 RESULTS = config["results_dir"]
 SWEEP = f"{RESULTS}/{config['name']}"

@@ -170,6 +170,20 @@ def cmd_final(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if result.stop_reason == train.INTERRUPTED else 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from hpcdl import config, submit
+
+    cfg = config.load(args.config, args.set)
+    container = cfg.section("resources")["container"] if args.apptainer else None
+    if args.dry_run:
+        for script in submit.render(cfg, cfg.sweep_dir / "config.yaml", container):
+            print(f"# ---- {cfg.sweep_dir / 'slurm' / script.name}.sbatch\n{script.text}")
+        return 0
+    for job, job_id in submit.submit(cfg, container).items():
+        print(f"{job}: {job_id}")
+    return 0
+
+
 def cmd_aggregate(args: argparse.Namespace) -> int:
     from hpcdl import config, report
 
@@ -271,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
         verb.add_argument("--config", required=True, help="sweep config YAML")
         verb.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         verb.set_defaults(func=func)
+
+    submit = sub.add_parser("submit", help="the sweep as sbatch scripts (worker job array + "
+                            "dependent report job), submitted with sbatch")
+    submit.add_argument("--config", required=True, help="sweep config YAML")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--dry-run", action="store_true", help="print the scripts, submit nothing")
+    submit.add_argument("--apptainer", action="store_true",
+                        help="run every step inside resources.container")
+    submit.set_defaults(func=cmd_submit)
 
     storage = sub.add_parser("storage", help="study storage services")
     storage_sub = storage.add_subparsers(dest="storage_command", required=True)

@@ -75,6 +75,11 @@ def validate(document: dict[str, Any], origin: str) -> dict[str, Any]:
         error = jsonschema.exceptions.best_match(errors)
         raise ConfigError(f"{origin}: {_where(error)}: {error.message}")
     filled["dataset"].setdefault("source", filled["dataset"]["name"])
+    res = filled["resources"]
+    if res["gpus_per_node"] and res["ranks_per_node"] > res["gpus_per_node"]:
+        raise ConfigError(f"{origin}: resources.ranks_per_node: {res['ranks_per_node']} ranks "
+                          f"per node but only {res['gpus_per_node']} GPUs per node; one rank "
+                          "drives one GPU")
     _check_search_space(filled, origin)
     return filled
 
@@ -198,6 +203,13 @@ class Config:
                 raise ConfigError(f"{self.origin}: unknown parameter {key!r}")
             doc[sections[key]][key] = value
         return Config(doc, self.origin)
+
+    def check_container(self, apptainer: bool) -> None:
+        """With Apptainer requested, the image must exist before any job is submitted."""
+        image = self._doc["resources"]["container"]
+        if apptainer and image and not Path(image).is_file():
+            raise ConfigError(f"{self.origin}: resources.container: {image} does not exist "
+                              "(build it with: apptainer build hpcdl.sif containers/hpcdl.def)")
 
     # ------------------------------------------------------------ paths (DESIGN.md)
     @property

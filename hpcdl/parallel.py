@@ -41,7 +41,7 @@ def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
     job_id = env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID")
     if job_id and env.get("SLURM_ARRAY_TASK_ID"):
         job_id = f"{job_id}_{env['SLURM_ARRAY_TASK_ID']}"
-    host = socket.gethostname()
+    host = env.get("SLURMD_NODENAME") or socket.gethostname()  # Slurm's name for the node
     if "OMPI_COMM_WORLD_RANK" in env:
         return Launch(
             "mpirun",

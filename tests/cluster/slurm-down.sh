@@ -2,8 +2,7 @@
 # Stop the cluster slurm-up.sh started: cancel its jobs, stop its daemons (by their pid files).
 set -uo pipefail
 BASE=${HPCDL_SLURM_DIR:-/tmp/hpcdl-slurm}
-export SLURM_CONF=$BASE/etc/slurm.conf
-[[ -f $SLURM_CONF ]] && scancel --full --quiet --user="$(id -un)" 2>/dev/null
+[[ -f /etc/slurm/slurm.conf ]] && scancel --full --quiet --user="$(id -un)" 2>/dev/null
 for pidfile in "$BASE"/run/slurmd-*.pid "$BASE"/run/slurmctld.pid "$BASE"/run/munged.pid; do
   [[ -f $pidfile ]] || continue
   pid=$(cat "$pidfile")

@@ -5,7 +5,10 @@
 # Prints `export SLURM_CONF=...` for the caller. Stop with slurm-down.sh (stops only these).
 set -euo pipefail
 BASE=${HPCDL_SLURM_DIR:-/tmp/hpcdl-slurm}
-CONF=$BASE/etc/slurm.conf
+# The default path, as on a real cluster: Snakemake's Slurm job-step plugin drops SLURM_CONF
+# from the environment of the srun calls it makes inside jobs. Never clobber a real config.
+CONF=/etc/slurm/slurm.conf
+MARK="# written by hpcdl tests/cluster/slurm-up.sh"
 HOST=$(hostname -s)
 log() { printf '[slurm-up] %s\n' "$*" >&2; }
 alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -21,7 +24,11 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-mkdir -p "$BASE"/{etc,state,log,run} "$BASE"/spool/{n1,n2} "$BASE"/tmp/{n1,n2}
+if [[ -f $CONF ]] && ! grep -qxF "$MARK" "$CONF"; then
+  log "$CONF exists and is not ours: refusing to replace a real cluster's configuration"
+  exit 1
+fi
+mkdir -p "$BASE"/{state,log,run} "$BASE"/spool/{n1,n2} "$BASE"/tmp/{n1,n2} /etc/slurm
 if [[ ! -s /etc/munge/munge.key ]]; then
   log "creating a munge key"
   mkdir -p /etc/munge
@@ -35,6 +42,7 @@ fi
 
 mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 3 ))
 cat > "$CONF" <<CONFEOF
+$MARK
 ClusterName=hpcdl-test
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmctldPort=6817

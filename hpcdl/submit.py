@@ -1,0 +1,147 @@
+"""`hpcdl submit`: the sweep as plain sbatch scripts, for sites without Snakemake on the login
+node. prepare.sbatch (if the dataset file is missing) -> workers.sbatch, a job array of W
+workers of N nodes x R ranks -> report.sbatch (final retrain, aggregate, report), which runs
+after the array whatever its outcome (afterany).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from hpcdl.config import Config
+from hpcdl.errors import UserError
+
+log = logging.getLogger("hpcdl.submit")
+
+EXIT_REQUEUE = 75  # hpcdl worker's "stopped for the time limit; run me again"
+SIGNAL_LEAD_S = 120
+
+
+@dataclass(frozen=True)
+class Script:
+    """One sbatch script: its name (prepare, workers, report) and text."""
+
+    name: str
+    text: str
+
+
+def _header(config: Config, job: str, options: dict[str, str | int | None]) -> str:
+    res = config.section("resources")
+    base: dict[str, str | int | None] = {
+        "job-name": f"hpcdl-{config.name}-{job}",
+        "output": str(config.sweep_dir / "logs" / f"slurm-{job}-%A_%a.out"),
+        "time": res["runtime_min"],
+        "partition": res["partition"],
+        "account": res["account"],
+    }
+    base.update(options)
+    lines = [f"#SBATCH --{key}={value}" if value != "" else f"#SBATCH --{key}"
+             for key, value in sorted(base.items()) if value is not None]
+    return "#!/bin/bash\n" + "\n".join(lines) + "\n"
+
+
+def _mpi_options(config: Config) -> dict[str, str | int | None]:
+    res = config.section("resources")
+    return {
+        "nodes": res["nodes"],
+        "ntasks-per-node": res["ranks_per_node"],
+        "cpus-per-task": res["cpus_per_task"],
+        "mem": res["mem_mb"],
+        "gpus-per-node": res["gpus_per_node"] or None,
+    }
+
+
+def _run(command: str, container: str | None) -> str:
+    """A command as the batch script runs it: inside the Apptainer image if one is given."""
+    if container is None:
+        return command
+    return (f"apptainer exec --nv --bind {shlex.quote(str(Path.cwd()))} "
+            f"{shlex.quote(container)} {command}")
+
+
+def render(config: Config, config_file: Path, container: str | None = None) -> list[Script]:
+    """The three scripts; `config_file` is the validated config the jobs read."""
+    cfg = shlex.quote(str(config_file))
+    workdir = shlex.quote(str(Path.cwd()))
+    prelude = f"set -uo pipefail\ncd {workdir}\n"
+    res = config.section("resources")
+    prepare = Script("prepare", _header(config, "prepare", {
+        "nodes": 1, "ntasks": 1, "cpus-per-task": 1, "mem": res["mem_mb"]})
+        + prelude + _run(f"hpcdl prepare --config {cfg} --force", container) + "\n")
+    worker_cmd = _run(f"hpcdl worker --config {cfg} --worker-id $SLURM_ARRAY_TASK_ID",
+                      container)
+    workers = Script("workers", _header(config, "workers", {
+        **_mpi_options(config), "array": f"0-{res['workers'] - 1}",
+        "signal": f"B:USR1@{SIGNAL_LEAD_S}", "requeue": "", "open-mode": "append"})
+        + prelude + f"""\
+# Slurm warns the batch shell {SIGNAL_LEAD_S} s before the time limit; pass it to every rank:
+# they finish their batch, keep the epoch checkpoint, mark the trial for re-run and exit
+# {EXIT_REQUEUE}. The job is then requeued and its worker resumes the trial.
+trap 'kill -USR1 "$ranks" 2>/dev/null' USR1
+srun --mpi=pmix --kill-on-bad-exit=1 {worker_cmd} &
+ranks=$!
+while true; do
+  wait "$ranks"; status=$?
+  kill -0 "$ranks" 2>/dev/null || break  # wait returned for the trap, not for srun
+done
+if [ "$status" -eq {EXIT_REQUEUE} ]; then
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$status"
+""")
+    report = Script("report", _header(config, "report", _mpi_options(config)) + prelude + f"""\
+srun --mpi=pmix --kill-on-bad-exit=1 {_run(f"hpcdl final --config {cfg}", container)}
+{_run(f"hpcdl aggregate --config {cfg}", container)}
+{_run(f"hpcdl report --config {cfg}", container)}
+""")
+    return [prepare, workers, report]
+
+
+def write(config: Config, container: str | None = None) -> tuple[Path, list[Path]]:
+    """Write the validated config and the scripts under <sweep>/ and <sweep>/slurm/."""
+    folder = config.sweep_dir / "slurm"
+    folder.mkdir(parents=True, exist_ok=True)
+    (config.sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
+    config_file = config.sweep_dir / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config.as_dict(), sort_keys=False))
+    paths = []
+    for script in render(config, config_file, container):
+        path = folder / f"{script.name}.sbatch"
+        path.write_text(script.text)
+        paths.append(path)
+    return config_file, paths
+
+
+def sbatch(script: Path, *options: str) -> str:
+    """Submit; the job id. Slurm's own error reaches the user verbatim, with the script."""
+    try:
+        done = subprocess.run(["sbatch", "--parsable", *options, str(script)],
+                              capture_output=True, text=True, check=False, timeout=120)
+    except FileNotFoundError as exc:
+        raise UserError("sbatch is not on PATH: run hpcdl submit on a Slurm login node") from exc
+    if done.returncode != 0:
+        raise UserError(f"sbatch {script.name} ({script}) failed: {done.stderr.strip()}")
+    return done.stdout.strip().split(";")[0]
+
+
+def submit(config: Config, container: str | None = None) -> dict[str, str]:
+    """Write and submit prepare (if needed), the worker array and the dependent report job."""
+    if container is not None and not Path(container).is_file():
+        raise UserError(f"resources.container: {container} does not exist (build it: "
+                        "apptainer build hpcdl.sif containers/hpcdl.def)")
+    _, (prepare, workers, report) = write(config, container)
+    ids: dict[str, str] = {}
+    dependency: list[str] = []
+    if not config.dataset_file.exists():
+        ids["prepare"] = sbatch(prepare)
+        dependency = [f"--dependency=afterok:{ids['prepare']}"]
+    ids["workers"] = sbatch(workers, *dependency)
+    ids["report"] = sbatch(report, f"--dependency=afterany:{ids['workers']}")
+    return ids
