@@ -7,6 +7,8 @@ in the hpcdl package.
     snakemake -n --profile profiles/slurm --configfile ...                 # dry run
 """
 
+import os
+
 import yaml
 from snakemake.utils import validate
 
@@ -17,9 +19,8 @@ import hpcdl.config
 # checks beyond the schema (search space, metrics, ranks vs GPUs, container), so that bad
 # input stops here, before any job is submitted.
 validate(config, "configs/schema.yaml")
-hpcdl.config.Config(config, origin="--configfile").check_container(
-    apptainer="APPTAINER" in str(workflow.deployment_settings.deployment_method).upper()
-)
+APPTAINER = "APPTAINER" in str(workflow.deployment_settings.deployment_method).upper()
+hpcdl.config.Config(config, origin="--configfile").check_container(apptainer=APPTAINER)
 
 RESULTS = config["results_dir"]
 SWEEP = f"{RESULTS}/{config['name']}"
@@ -28,6 +29,11 @@ RES = config["resources"]
 WORKERS = range(RES["workers"])
 # Apptainer image: used when Snakemake runs with --software-deployment-method apptainer.
 CONTAINER = RES["container"]
+# MPI rules are not wrapped by Snakemake (that would put srun inside the image): the host's
+# srun starts one container per rank, whose Open MPI meets srun's PMIx (the hybrid model).
+RANK_EXEC = (
+    f"apptainer exec --nv --bind {os.getcwd()} {CONTAINER}" if APPTAINER and CONTAINER else ""
+)
 # Where jobs go: only what the sweep config names (never one site's values hard-coded).
 SITE = {key: RES[name] for key, name in (("slurm_partition", "partition"),
                                          ("slurm_account", "account")) if RES[name]}
@@ -104,10 +110,12 @@ rule worker:
     threads: MPI_JOB["tasks"] * RES["cpus_per_task"]
     resources:
         **MPI_JOB,
+    params:
+        rank_exec=RANK_EXEC,
     container:
-        CONTAINER
+        None
     shell:
-        "{resources.mpi} -n {resources.tasks} hpcdl worker --config {input.config}"
+        "{resources.mpi} -n {resources.tasks} {params.rank_exec} hpcdl worker --config {input.config}"
         " --worker-id {wildcards.worker} > {log} 2>&1"
 
 
@@ -147,10 +155,13 @@ rule final:
     threads: MPI_JOB["tasks"] * RES["cpus_per_task"]
     resources:
         **MPI_JOB,
+    params:
+        rank_exec=RANK_EXEC,
     container:
-        CONTAINER
+        None
     shell:
-        "{resources.mpi} -n {resources.tasks} hpcdl final --config {input.config} > {log} 2>&1"
+        "{resources.mpi} -n {resources.tasks} {params.rank_exec} hpcdl final"
+        " --config {input.config} > {log} 2>&1"
 
 
 rule report:

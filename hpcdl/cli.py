@@ -184,6 +184,44 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from hpcdl import config, status
+
+    cfg = config.load(args.config, args.set)
+    if args.json:
+        print(json.dumps(status.snapshot(cfg), indent=2, default=str))
+        return 0
+    if not args.watch:
+        Console().print(status.render(status.snapshot(cfg)))
+        return 0
+    with Live(status.render(status.snapshot(cfg)), refresh_per_second=1) as live:
+        while True:
+            time.sleep(args.every)
+            live.update(status.render(status.snapshot(cfg)))
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import socket
+
+    import optuna_dashboard
+
+    from hpcdl import config, study
+
+    cfg = config.load(args.config, args.set)
+    storage = study.open_storage(cfg)
+    print(f"optuna-dashboard for sweep {cfg.name} ({cfg.storage_url}) at "
+          f"http://{args.host}:{args.port}/\nfrom your laptop: ssh -L {args.port}:localhost:"
+          f"{args.port} {socket.gethostname()}  then open http://localhost:{args.port}/",
+          flush=True)
+    optuna_dashboard.run_server(storage, host=args.host, port=args.port)
+    return 0
+
+
 def cmd_aggregate(args: argparse.Namespace) -> int:
     from hpcdl import config, report
 
@@ -285,6 +323,22 @@ def build_parser() -> argparse.ArgumentParser:
         verb.add_argument("--config", required=True, help="sweep config YAML")
         verb.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         verb.set_defaults(func=func)
+
+    status = sub.add_parser("status", help="trials complete / running / pruned / failed, best "
+                            "so far, budget left")
+    status.add_argument("--config", required=True, help="sweep config YAML")
+    status.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    status.add_argument("--every", type=float, default=5.0, help="seconds between refreshes")
+    status.add_argument("--json", action="store_true", help="machine-readable snapshot")
+    status.set_defaults(func=cmd_status)
+
+    dashboard = sub.add_parser("dashboard", help="optuna-dashboard on the sweep's study")
+    dashboard.add_argument("--config", required=True, help="sweep config YAML")
+    dashboard.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    dashboard.add_argument("--host", default="127.0.0.1")
+    dashboard.add_argument("--port", type=int, default=8080)
+    dashboard.set_defaults(func=cmd_dashboard)
 
     submit = sub.add_parser("submit", help="the sweep as sbatch scripts (worker job array + "
                             "dependent report job), submitted with sbatch")

@@ -1,0 +1,69 @@
+"""`hpcdl status`: the sweep right now, as a terminal table (rich)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from rich.console import Group
+from rich.table import Table
+
+from hpcdl import liveness, study
+from hpcdl.config import Config
+
+
+def snapshot(config: Config) -> dict[str, Any]:
+    """Counts by state, running trials with owner and epoch, the best so far, budget left."""
+    s = optuna.load_study(study_name=config.name, storage=study.open_storage(config))
+    trials = s.get_trials(deepcopy=False)
+    search = config.section("search")
+    replaced = study.replaced_numbers(trials)
+    counts = Counter(t.state.name for t in trials)
+    running = [{"number": t.number, "worker": t.system_attrs.get(liveness.WORKER),
+                "host": t.system_attrs.get(liveness.HOST),
+                "job": t.system_attrs.get(liveness.JOB),
+                "epoch": max(t.intermediate_values, default=0), "params": t.params}
+               for t in trials if t.state == TrialState.RUNNING]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    sign = 1 if search["direction"] == "maximize" else -1
+    best = max(complete, key=lambda t: sign * t.values[0]) if complete else None
+    spent = study.budget(trials, search["count_failed"], replaced)
+    return {
+        "name": config.name, "counts": dict(counts), "running": running,
+        "retried": len(replaced), "finished": spent.finished, "n_trials": search["n_trials"],
+        "left": max(0, search["n_trials"] - spent.claimed),
+        "best": {"number": best.number, "value": best.values[0], "params": best.params}
+        if best else None, "metric": search["metric"],
+    }
+
+
+def render(snap: dict[str, Any]) -> Group:
+    summary = Table(title=f"sweep {snap['name']}: {snap['finished']} of {snap['n_trials']} "
+                    f"trials finished, {snap['left']} left to start")
+    for state in ("COMPLETE", "RUNNING", "PRUNED", "FAIL", "WAITING"):
+        summary.add_column(state.lower(), justify="right")
+    summary.add_row(*(str(snap["counts"].get(s, 0)) for s in
+                      ("COMPLETE", "RUNNING", "PRUNED", "FAIL", "WAITING")))
+    parts: list[Any] = [summary]
+    if snap["running"]:
+        running = Table(title="running")
+        for column in ("trial", "worker", "host", "slurm job", "epoch", "params"):
+            running.add_column(column)
+        for r in snap["running"]:
+            running.add_row(str(r["number"]), str(r["worker"]), str(r["host"]), str(r["job"]),
+                            str(r["epoch"]), ", ".join(f"{k}={v:.3g}" if isinstance(v, float)
+                                                        else f"{k}={v}"
+                                                        for k, v in r["params"].items()))
+        parts.append(running)
+    best = snap["best"]
+    if best:
+        best_table = Table(title=f"best so far: trial {best['number']}, {snap['metric']} "
+                           f"{best['value']:.4f}")
+        best_table.add_column("parameter")
+        best_table.add_column("value")
+        for key, value in best["params"].items():
+            best_table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        parts.append(best_table)
+    return Group(*parts)
