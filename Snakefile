@@ -53,6 +53,7 @@ rule all:
     input:
         f"{SWEEP}/report.html",
         f"{SWEEP}/best/model.keras",
+        f"{SWEEP}/scaling.h5",
     default_target: True
 
 
@@ -164,11 +165,37 @@ rule final:
         " --config {input.config} > {log} 2>&1"
 
 
+rule scaling:
+    """The best params at resources.scaling_ranks ranks: speed-up and parallel efficiency."""
+    input:
+        config=rules.sweep_config.output,
+        data=DATASET,
+        workers=expand(f"{SWEEP}/workers/{{worker}}.done", worker=WORKERS),
+    output:
+        f"{SWEEP}/scaling.h5",
+    log:
+        f"{SWEEP}/logs/scaling.log",
+    benchmark:
+        f"{SWEEP}/benchmarks/scaling.tsv"
+    threads: max(RES["scaling_ranks"]) * RES["cpus_per_task"]
+    resources:
+        **{**MPI_JOB, "tasks": max(RES["scaling_ranks"]),
+           "nodes": -(-max(RES["scaling_ranks"]) // RES["ranks_per_node"])},
+    params:
+        rank_exec=RANK_EXEC,
+    container:
+        None
+    shell:
+        "hpcdl scaling --config {input.config}"
+        " --launcher '{resources.mpi}' --rank-exec '{params.rank_exec}' > {log} 2>&1"
+
+
 rule report:
     input:
         config=rules.sweep_config.output,
         summary=rules.aggregate.output.h5,
         final=rules.final.output.run,
+        scaling=rules.scaling.output,
     output:
         html=report(f"{SWEEP}/report.html", caption="configs/report/report.rst",
                     category="Report"),

@@ -222,6 +222,16 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scaling(args: argparse.Namespace) -> int:
+    from hpcdl import config, scaling, study
+
+    cfg = config.load(args.config, args.set)
+    number, params = study.best_trial(cfg)
+    log.info("scaling the params of trial %d: %s", number, params)
+    print(scaling.measure(cfg, params, args.launcher, args.rank_exec))
+    return 0
+
+
 def cmd_aggregate(args: argparse.Namespace) -> int:
     from hpcdl import config, report
 
@@ -339,6 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--host", default="127.0.0.1")
     dashboard.add_argument("--port", type=int, default=8080)
     dashboard.set_defaults(func=cmd_dashboard)
+
+    scaling = sub.add_parser("scaling", help="best params at resources.scaling_ranks ranks "
+                             "-> <sweep>/scaling.h5 (speed-up, efficiency)")
+    scaling.add_argument("--config", required=True, help="sweep config YAML")
+    scaling.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    scaling.add_argument("--launcher", default="mpirun --allow-run-as-root",
+                         help="MPI launcher; '-n R' is appended (inside Slurm: 'srun --mpi=pmix')")
+    scaling.add_argument("--rank-exec", default="",
+                         help="what each rank runs hpcdl through, e.g. 'apptainer exec --nv IMG'")
+    scaling.set_defaults(func=cmd_scaling)
 
     submit = sub.add_parser("submit", help="the sweep as sbatch scripts (worker job array + "
                             "dependent report job), submitted with sbatch")

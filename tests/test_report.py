@@ -167,3 +167,17 @@ def test_dashboard_serves_the_study(sweep: Path) -> None:
     assert f"ssh -L {port}:localhost:{port}" in out
     s = optuna.load_study(study_name="sweep", storage=study.open_storage(config.load(sweep)))
     assert len(s.trials) == 4
+
+
+@pytest.mark.mpi
+def test_scaling_measures_speedup_and_report_plots_it(sweep: Path) -> None:
+    cfg = config.load(sweep)
+    (cfg.sweep_dir / "config.yaml").write_text(sweep.read_text())
+    result = run_hpcdl("scaling", "--config", str(sweep))
+    assert result.returncode == 0, result.stderr[-3000:]
+    with h5py.File(cfg.sweep_dir / "scaling.h5") as f:
+        assert f["ranks"][()].tolist() == [1, 2]
+        assert (f["samples_per_second"][()] > 0).all() and f["efficiency"][0] == 1.0
+    assert run_hpcdl("report", "--config", str(sweep)).returncode == 0
+    assert (cfg.sweep_dir / "figures" / "scaling.png").is_file()
+    assert "Scaling" in (cfg.sweep_dir / "report.html").read_text()
