@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONPATH := $(CURDIR)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint bench bench-quick
 setup:
 	bash .ci/install.sh
 
@@ -26,3 +26,12 @@ test: setup
 lint:
 	ruff check hpcdl tests
 	ruff format --check hpcdl tests
+
+# Benchmarks append to benchmarks/RESULTS.md. bench-quick finishes in about 10 minutes on 2 cores.
+BENCH_ARGS ?=
+bench: setup
+	cd benchmarks && python bench_overhead.py $(BENCH_ARGS) && python bench_storage.py $(BENCH_ARGS) \
+	  && python bench_memory.py $(BENCH_ARGS) && python bench_pipeline.py $(BENCH_ARGS)
+
+bench-quick:
+	$(MAKE) bench BENCH_ARGS=--quick

@@ -22,7 +22,8 @@ import h5py
 import numpy as np
 
 RUN_FORMAT = "hpcdl-run"
-JSON_ATTRS = ("params", "hosts", "versions", "config", "train_shards", "weights_sha256")
+JSON_ATTRS = ("params", "hosts", "versions", "config", "train_shards", "weights_sha256",
+              "peak_rss_mb")
 
 
 @contextmanager

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import math
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -434,6 +435,9 @@ def train(
         test = evaluate_global(model, test_x, test_y, "test")
     wall_seconds = wall_before + time.perf_counter() - wall_start
     digests = parallel.allgather_object(weights_digest(model), "train.weights_digest")
+    # peak resident memory of each rank (Linux reports KiB): what to ask Slurm for (mem_mb)
+    peak_rss = parallel.allgather_object(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "train.peak_rss")
     if save_model is not None and ranks.is_root and reason in (COMPLETED, EARLY_STOPPED):
         _save_model(model, params, info, save_model)
     if ranks.is_root:
@@ -447,6 +451,7 @@ def train(
                     "stop_reason": reason,
                     "wall_seconds": wall_seconds,
                     "weights_sha256": digests,
+                    "peak_rss_mb": peak_rss,
                 },
                 history,
                 test,

@@ -32,7 +32,7 @@ def snakemake(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess[
                           timeout=timeout, check=False)
 
 
-def test_layer(results: Path, **overrides: object) -> Path:
+def layer_file(results: Path, **overrides: object) -> Path:
     """The test's config layer over configs/smoke.yaml: results in tmp, no container."""
     layer = {"results_dir": str(results), "resources": {"container": None, "workers": 2,
                                                          "nodes": 2, "ranks_per_node": 1},
@@ -52,7 +52,7 @@ def slurm_profile(*configfiles: Path) -> list[str]:
 def test_dry_run_with_the_cluster_down(tmp_path: Path) -> None:
     down = subprocess.run(["sinfo"], capture_output=True, text=True, check=False)
     assert down.returncode != 0  # this module starts the cluster only after this test
-    result = snakemake("-n", *slurm_profile(test_layer(tmp_path)))
+    result = snakemake("-n", *slurm_profile(layer_file(tmp_path)))
     assert result.returncode == 0, result.stdout[-3000:]
     for line in ("sweep_config        1", "prepare             1", "worker              2",
                  "aggregate           1", "final               1", "report              1"):
@@ -75,7 +75,7 @@ def finished(cfg: config.Config) -> list[optuna.trial.FrozenTrial]:
 
 
 def test_snakemake_sweep_on_slurm(cluster: None, results: Path) -> None:
-    layer = test_layer(results)
+    layer = layer_file(results)
     result = snakemake(*slurm_profile(layer))
     assert result.returncode == 0, result.stdout[-4000:]
     cfg = config.load(REPO / "configs" / "smoke.yaml", [f"results_dir={results}"])
@@ -89,7 +89,7 @@ def test_snakemake_sweep_on_slurm(cluster: None, results: Path) -> None:
 
 
 def test_cancelled_worker_is_retried(cluster: None, results: Path) -> None:
-    layer = test_layer(results, train={"batch_size": 8, "intra_op_threads": 1},
+    layer = layer_file(results, train={"batch_size": 8, "intra_op_threads": 1},
                        resources={"workers": 1, "nodes": 1, "ranks_per_node": 2,
                                   "container": None})
     run = subprocess.Popen(["snakemake", *slurm_profile(layer)], cwd=REPO, text=True,
@@ -155,7 +155,7 @@ def test_unknown_partition_reaches_the_user(cluster: None, results: Path) -> Non
 
 
 def test_schema_error_names_the_key(tmp_path: Path) -> None:
-    layer = test_layer(tmp_path, search={"n_trials": 0})
+    layer = layer_file(tmp_path, search={"n_trials": 0})
     result = snakemake("-n", *slurm_profile(layer))
     assert result.returncode != 0
     assert "n_trials" in result.stdout and "minimum" in result.stdout
@@ -167,19 +167,19 @@ def test_missing_configfile(tmp_path: Path) -> None:
 
 
 def test_workers_below_one(tmp_path: Path) -> None:
-    result = snakemake("-n", *slurm_profile(test_layer(tmp_path, resources={"workers": 0})))
+    result = snakemake("-n", *slurm_profile(layer_file(tmp_path, resources={"workers": 0})))
     assert result.returncode != 0 and "workers" in result.stdout
 
 
 def test_more_ranks_than_gpus(tmp_path: Path) -> None:
-    layer = test_layer(tmp_path, resources={"gpus_per_node": 2, "ranks_per_node": 4})
+    layer = layer_file(tmp_path, resources={"gpus_per_node": 2, "ranks_per_node": 4})
     result = snakemake("-n", *slurm_profile(layer))
     assert result.returncode != 0
     assert "ranks_per_node: 4 ranks per node but only 2 GPUs per node" in result.stdout
 
 
 def test_missing_container_with_apptainer(tmp_path: Path) -> None:
-    layer = test_layer(tmp_path, resources={"container": str(tmp_path / "none.sif")})
+    layer = layer_file(tmp_path, resources={"container": str(tmp_path / "none.sif")})
     result = snakemake("-n", "--profile", "profiles/slurm", "--configfile", "configs/smoke.yaml",
                        str(layer))
     assert result.returncode != 0

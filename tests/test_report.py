@@ -181,3 +181,19 @@ def test_scaling_measures_speedup_and_report_plots_it(sweep: Path) -> None:
     assert run_hpcdl("report", "--config", str(sweep)).returncode == 0
     assert (cfg.sweep_dir / "figures" / "scaling.png").is_file()
     assert "Scaling" in (cfg.sweep_dir / "report.html").read_text()
+
+
+def test_two_objectives_show_the_pareto_front(tmp_path: Path) -> None:
+    cfg_path = write_sweep_config(tmp_path, search={
+        "n_trials": 6, "pruner": "none",
+        "second_objective": {"metric": "n_params", "direction": "minimize"}})
+    cfg = config.load(cfg_path)
+    s = study.open_study(cfg)
+    for i in range(5):
+        trial = s.ask()
+        study.suggest(trial, cfg.section("search")["space"])
+        s.tell(trial, [0.8 + 0.02 * i, 1000.0 * (i % 3 + 1)])
+    result = run_hpcdl("report", "--config", str(cfg_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (cfg.sweep_dir / "figures" / "pareto.png").is_file()
+    assert "Pareto front" in (cfg.sweep_dir / "report.html").read_text()

@@ -34,3 +34,12 @@ def test_local_profile_runs_the_whole_sweep(results: Path) -> None:
                             "configs/smoke.yaml", str(layer), "-n"], cwd=REPO, env=hpcdl_env(),
                            capture_output=True, text=True, timeout=300, check=False)
     assert "Nothing to be done" in again.stdout + again.stderr  # nothing computed is redone
+    # Snakemake's own report: the sweep report, the summary and every figure, with captions
+    snake_report = results / "snakemake-report.html"
+    made = subprocess.run(["snakemake", "--configfile", "configs/smoke.yaml", str(layer),
+                           "--report", str(snake_report)], cwd=REPO, env=hpcdl_env(),
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert made.returncode == 0, made.stderr[-3000:]
+    text = snake_report.read_text()
+    for name in ("report.html", "summary.csv", "history.png", "curves.png"):
+        assert name in text, name
