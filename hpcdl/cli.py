@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from hpcdl import __version__, logs
 from hpcdl.errors import UserError
@@ -247,8 +248,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep_command(sub: Any, name: str, func: Callable[[argparse.Namespace], int], text: str,
+                  config_required: bool = True) -> argparse.ArgumentParser:
+    """A subcommand that works on one sweep: --config CFG and any --set KEY=VALUE."""
+    parser = sub.add_parser(name, help=text)
+    parser.add_argument("--config", required=config_required, help="sweep config YAML")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=2 --set width=128")
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpcdl", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="hpcdl", description="Hyperparameter sweeps of Horovod data-parallel Keras "
+        "training on HPC clusters, from one YAML config. See README.md.")
     parser.add_argument("--version", action="version", version=f"hpcdl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -256,136 +270,70 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
     doctor.set_defaults(func=cmd_doctor)
 
-    prepare = sub.add_parser("prepare", help="write a dataset HDF5 file")
-    prepare.add_argument(
-        "dataset", nargs="?", help="fashion_mnist | mnist | digits | npz:FILE | hdf5:FILE"
-    )
-    prepare.add_argument("--config", help="take the dataset and output from a sweep config")
-    prepare.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (with --config)",
-    )
+    prepare = sweep_command(sub, "prepare", cmd_prepare, "write a dataset HDF5 file (from "
+                            "DATASET, or from a config's dataset section)", config_required=False)
+    prepare.add_argument("dataset", nargs="?",
+                         help="fashion_mnist | mnist | digits | npz:FILE | hdf5:FILE")
     prepare.add_argument("--out", help="output .h5 (default results/data/<name>.h5)")
     prepare.add_argument("--source", help="directory of the IDX files, or 'keras' to download")
-    prepare.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="share of train held out for validation, stratified (default 0.1)",
-    )
-    prepare.add_argument(
-        "--test-fraction",
-        type=float,
-        default=0.2,
-        help="share held out as test when the source has no test split",
-    )
+    prepare.add_argument("--val-fraction", type=float, default=0.1,
+                         help="share of train held out for validation, stratified (default 0.1)")
+    prepare.add_argument("--test-fraction", type=float, default=0.2,
+                         help="share held out as test when the source has no test split")
     prepare.add_argument("--seed", type=int, default=0, help="seed of the splits (default 0)")
     prepare.add_argument("--x-key", default="x", help="images array in npz/hdf5 (default x)")
     prepare.add_argument("--y-key", default="y", help="labels array in npz/hdf5 (default y)")
     prepare.add_argument("--x-test-key", default="x_test", help="test images, if present")
     prepare.add_argument("--y-test-key", default="y_test", help="test labels, if present")
     prepare.add_argument("--force", action="store_true", help="overwrite an existing output")
-    prepare.set_defaults(func=cmd_prepare)
 
-    train = sub.add_parser("train", help="one data-parallel training run (under mpirun/srun)")
-    train.add_argument("--config", required=True, help="sweep config YAML")
-    train.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=2 --set width=128",
-    )
-    train.add_argument(
-        "--out",
-        help="run file .h5 (default <results_dir>/runs/<name>.h5); "
-        "an interrupted run with the same --out resumes",
-    )
-    train.set_defaults(func=cmd_train)
+    train = sweep_command(sub, "train", cmd_train,
+                          "one data-parallel training run (under mpirun/srun)")
+    train.add_argument("--out", help="run file .h5 (default <results_dir>/runs/<name>.h5); "
+                       "an interrupted run with the same --out resumes")
 
-    worker = sub.add_parser(
-        "worker",
-        help="pull trials from the sweep's study until its budget "
-        "is spent (run under mpirun/srun: one worker, many ranks)",
-    )
-    worker.add_argument("--config", required=True, help="sweep config YAML")
-    worker.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
-    )
-    worker.add_argument(
-        "--worker-id",
-        type=int,
-        default=0,
-        help="this worker's index (seeds its sampler; default 0)",
-    )
-    worker.set_defaults(func=cmd_worker)
+    worker = sweep_command(sub, "worker", cmd_worker, "pull trials from the sweep's study until "
+                           "its budget is spent (under mpirun/srun: one worker, many ranks)")
+    worker.add_argument("--worker-id", type=int, default=0,
+                        help="this worker's index (seeds its sampler; default 0)")
 
-    for name, func, text in (
-        ("final", cmd_final, "retrain the best trial's params on train+val -> "
-         "<sweep>/best/model.keras and run.h5 (under mpirun/srun)"),
-        ("aggregate", cmd_aggregate, "sweep -> summary.h5 and summary.csv"),
-        ("report", cmd_report, "sweep -> report.html with figures (and the summary)"),
-    ):
-        verb = sub.add_parser(name, help=text)
-        verb.add_argument("--config", required=True, help="sweep config YAML")
-        verb.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-        verb.set_defaults(func=func)
+    sweep_command(sub, "final", cmd_final, "retrain the best trial's params on train+val -> "
+                  "<sweep>/best/model.keras and run.h5 (under mpirun/srun)")
+    sweep_command(sub, "aggregate", cmd_aggregate, "sweep -> summary.h5 and summary.csv")
+    sweep_command(sub, "report", cmd_report, "sweep -> report.html with figures")
 
-    status = sub.add_parser("status", help="trials complete / running / pruned / failed, best "
-                            "so far, budget left")
-    status.add_argument("--config", required=True, help="sweep config YAML")
-    status.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    status = sweep_command(sub, "status", cmd_status, "trials complete / running / pruned / "
+                           "failed, best so far, budget left")
     status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     status.add_argument("--every", type=float, default=5.0, help="seconds between refreshes")
     status.add_argument("--json", action="store_true", help="machine-readable snapshot")
-    status.set_defaults(func=cmd_status)
 
-    dashboard = sub.add_parser("dashboard", help="optuna-dashboard on the sweep's study")
-    dashboard.add_argument("--config", required=True, help="sweep config YAML")
-    dashboard.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    dashboard = sweep_command(sub, "dashboard", cmd_dashboard,
+                              "optuna-dashboard on the sweep's study")
     dashboard.add_argument("--host", default="127.0.0.1")
     dashboard.add_argument("--port", type=int, default=8080)
-    dashboard.set_defaults(func=cmd_dashboard)
 
-    scaling = sub.add_parser("scaling", help="best params at resources.scaling_ranks ranks "
-                             "-> <sweep>/scaling.h5 (speed-up, efficiency)")
-    scaling.add_argument("--config", required=True, help="sweep config YAML")
-    scaling.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    scaling = sweep_command(sub, "scaling", cmd_scaling, "best params at "
+                            "resources.scaling_ranks ranks -> <sweep>/scaling.h5")
     scaling.add_argument("--launcher", default="mpirun --allow-run-as-root",
-                         help="MPI launcher; '-n R' is appended (inside Slurm: 'srun --mpi=pmix')")
+                         help="MPI launcher; '-n R' is appended (in Slurm: 'srun --mpi=pmix')")
     scaling.add_argument("--rank-exec", default="",
                          help="what each rank runs hpcdl through, e.g. 'apptainer exec --nv IMG'")
-    scaling.set_defaults(func=cmd_scaling)
 
-    submit = sub.add_parser("submit", help="the sweep as sbatch scripts (worker job array + "
-                            "dependent report job), submitted with sbatch")
-    submit.add_argument("--config", required=True, help="sweep config YAML")
-    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    submit = sweep_command(sub, "submit", cmd_submit, "the sweep as sbatch scripts (worker job "
+                           "array + dependent report job), submitted with sbatch")
     submit.add_argument("--dry-run", action="store_true", help="print the scripts, submit nothing")
     submit.add_argument("--apptainer", action="store_true",
                         help="run every step inside resources.container")
-    submit.set_defaults(func=cmd_submit)
 
     storage = sub.add_parser("storage", help="study storage services")
     storage_sub = storage.add_subparsers(dest="storage_command", required=True)
-    serve = storage_sub.add_parser(
-        "serve",
-        help="Optuna's gRPC storage proxy in front of the "
-        "sweep's storage, for workers on many nodes",
-    )
-    serve.add_argument("--config", required=True, help="sweep config YAML")
-    serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    serve.add_argument(
-        "--backend",
-        default="journal",
-        help="storage behind the proxy (default: the sweep's journal file)",
-    )
+    serve = sweep_command(storage_sub, "serve", cmd_storage_serve, "Optuna's gRPC storage "
+                          "proxy in front of the sweep's storage, for workers on many nodes")
+    serve.add_argument("--backend", default="journal",
+                       help="storage behind the proxy (default: the sweep's journal file)")
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on")
     serve.add_argument("--port", type=int, help="port (default: from the config's grpc:// URL)")
-    serve.set_defaults(func=cmd_storage_serve)
     return parser
 
 

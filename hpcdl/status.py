@@ -26,9 +26,7 @@ def snapshot(config: Config) -> dict[str, Any]:
                 "job": t.system_attrs.get(liveness.JOB),
                 "epoch": max(t.intermediate_values, default=0), "params": t.params}
                for t in trials if t.state == TrialState.RUNNING]
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    sign = 1 if search["direction"] == "maximize" else -1
-    best = max(complete, key=lambda t: sign * t.values[0]) if complete else None
+    best = study.best_complete(config, trials)
     spent = study.budget(trials, search["count_failed"], replaced)
     return {
         "name": config.name, "counts": dict(counts), "running": running,

@@ -492,13 +492,20 @@ class Worker:
                 return "interrupted"
 
 
-def best_trial(config: Config) -> tuple[int, dict[str, Any]]:
-    """The trial to retrain: the best complete one (first objective for a Pareto sweep)."""
-    s = optuna.load_study(study_name=config.name, storage=open_storage(config))
-    complete = s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+def best_complete(config: Config, trials: list[FrozenTrial]) -> FrozenTrial | None:
+    """The best complete trial (by the first objective for a Pareto sweep), if any."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
+        return None
+    sign = 1 if config.section("search")["direction"] == "maximize" else -1
+    return max(complete, key=lambda t: sign * t.values[0])
+
+
+def best_trial(config: Config) -> tuple[int, dict[str, Any]]:
+    """The trial to retrain or scale: its number and params."""
+    s = optuna.load_study(study_name=config.name, storage=open_storage(config))
+    best = best_complete(config, s.get_trials(deepcopy=False))
+    if best is None:
         raise UserError(f"{config.origin}: study {config.name!r} has no complete trial to "
                         "retrain (see `hpcdl status`)")
-    sign = 1 if config.section("search")["direction"] == "maximize" else -1
-    best = max(complete, key=lambda t: sign * t.values[0])
     return best.number, dict(best.params)

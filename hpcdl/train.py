@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from hpcdl import __version__, data, logs, models, parallel, store
-from hpcdl.config import Config
+from hpcdl.config import EPOCH_METRICS, Config
 from hpcdl.errors import UserError
 
 log = logging.getLogger("hpcdl.train")
@@ -38,8 +38,6 @@ PRUNED = "pruned"
 INTERRUPTED = "interrupted"
 FAILED_NON_FINITE = "failed: non-finite loss"
 RUNNING = "running"
-LOGGED_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds",
-                  "samples_per_second")
 
 # A callback run on every rank after each epoch with the rank-averaged metrics; True = prune.
 # It must return the same answer on every rank (study.py broadcasts rank 0's decision).
@@ -406,7 +404,7 @@ def train(
                 break
             history = store.merge_epochs(history, metrics)
             if ranks.is_root:
-                shown = [k for k in LOGGED_METRICS if k in metrics]
+                shown = [k for k in EPOCH_METRICS if k in metrics]
                 log.info("epoch %d/%d: %s", epoch + 1, params["epochs"],
                          " ".join(f"{k} {metrics[k]:.4g}" for k in shown))
                 elapsed = wall_before + time.perf_counter() - wall_start
