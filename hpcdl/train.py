@@ -371,7 +371,10 @@ def train(
     ]
     verbose = (1 if sys.stdout.isatty() else 0) if ranks.is_root else 0
     reason = COMPLETED
-    best_val_loss, epochs_since_best = math.inf, 0
+    # early-stopping state continues across a resume: it is derived from the history
+    val_losses = history.get("val_loss", [])
+    best_val_loss = min(val_losses, default=math.inf)
+    epochs_since_best = len(val_losses) - 1 - val_losses.index(best_val_loss) if val_losses else 0
     with stop.installed():
         for epoch in range(start_epoch, params["epochs"]):
             began = time.perf_counter()

@@ -125,3 +125,15 @@ def test_dataset_missing_or_foreign(results: Path, tmp_path: Path) -> None:
         f.attrs["format"] = "something-else"
     result = run_hpcdl(*train_args(results, results / "x.h5"))
     assert result.returncode == 2 and "not an hpcdl dataset file" in result.stderr
+
+
+def test_early_stopping_on_val_loss(results: Path) -> None:
+    out = results / "early.h5"
+    result = run_hpcdl(*train_args(results, out, "patience=2", "epochs=40", "learning_rate=0.02"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = store.read_run(out)
+    assert run.attrs["stop_reason"] == "early-stopped" and run.n_epochs < 40
+    losses = run.epochs["val_loss"]
+    best = losses.index(min(losses))
+    assert len(losses) - 1 - best == 2  # stopped after exactly `patience` epochs without gain
+    assert run.test  # an early-stopped run is still tested
