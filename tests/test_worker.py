@@ -245,3 +245,31 @@ def test_unopenable_storage_is_one_clear_error_on_every_rank(results: Path) -> N
     log = (results / "w.log").read_text()
     assert f"storage: cannot open 'postgresql://nobody@127.0.0.1:{port}/none'" in log
     assert "Connection refused" in log and "Traceback" not in log
+
+
+def test_diverging_trial_fails_and_the_worker_goes_on(results: Path) -> None:
+    cfg = write_sweep_config(
+        results, search={"n_trials": 2, "sampler": "random", "pruner": "none",
+                         "space": {"learning_rate": {"type": "categorical",
+                                                     "choices": [0.05, 1.0e9]}}},
+        train={"optimizer": "sgd", "epochs": 2})
+    s = study.open_study(config.load(cfg))
+    for lr in (1.0e9, 0.05, 0.05):  # the first diverges to NaN at once
+        s.enqueue_trial({"learning_rate": lr})
+    worker = start_worker(cfg, 0, log=results / "w.log")
+    assert worker.wait(timeout=600) == 0, (results / "w.log").read_text()[-3000:]
+    trials = check_finished_sweep(cfg, 2)
+    assert trials[0].state == TrialState.FAIL
+    assert trials[0].system_attrs[study.FAIL_REASON] == "failed: non-finite loss"
+    assert store.read_run(config.load(cfg).trial_file(0)).attrs["stop_reason"] == (
+        "failed: non-finite loss")
+    assert "Traceback" not in (results / "w.log").read_text()
+
+
+def test_wall_clock_budget_stops_the_sweep(results: Path) -> None:
+    cfg = write_sweep_config(results, search={"n_trials": 50, "timeout_min": 0.05})
+    worker = start_worker(cfg, 0, log=results / "w.log")
+    assert worker.wait(timeout=600) == 0
+    _, s = load(cfg)
+    assert 1 <= len(s.trials) < 50
+    assert "wall-clock budget of 0.05 min spent" in (results / "w.log").read_text()
