@@ -402,7 +402,7 @@ class Worker:
         if source.is_dir():
             target = train.checkpoint_dir(self.config.trial_file(new))
             shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(source, target)
+            source.rename(target)  # only one re-run adopts it: the retry is atomic
             log.info("trial %d re-runs trial %d from its checkpoint", new, old)
         else:
             log.info("trial %d re-runs trial %d from the start (no checkpoint)", new, old)
