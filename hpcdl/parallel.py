@@ -180,21 +180,17 @@ def distributed_optimizer(optimizer: Any) -> Any:
     return hvd.DistributedOptimizer(optimizer)
 
 
-def sync_callbacks(initial_lr: float, warmup_epochs: float, steps_per_epoch: int) -> list[Any]:
-    """Keras callbacks: broadcast rank 0's initial weights; ramp the LR up over warm-up epochs."""
+def sync_callbacks(initial_lr: float, warmup_epochs: float, steps_per_epoch: int,
+                   size: int) -> tuple[list[Any], list[Any]]:
+    """Keras callbacks (broadcast, warm-up): rank 0's initial weights to every rank (not
+    needed alone), and the learning rate ramped up over the warm-up epochs."""
     import horovod.tensorflow.keras as hvd
 
-    callbacks: list[Any] = [hvd.callbacks.BroadcastGlobalVariablesCallback(0)]
-    if warmup_epochs > 0:
-        callbacks.append(
-            hvd.callbacks.LearningRateWarmupCallback(
-                initial_lr=initial_lr,
-                warmup_epochs=warmup_epochs,
-                steps_per_epoch=steps_per_epoch,
-                verbose=0,
-            )
-        )
-    return callbacks
+    broadcast = [hvd.callbacks.BroadcastGlobalVariablesCallback(0)] if size > 1 else []
+    warmup = [hvd.callbacks.LearningRateWarmupCallback(
+        initial_lr=initial_lr, warmup_epochs=warmup_epochs, steps_per_epoch=steps_per_epoch,
+        verbose=0)] if warmup_epochs > 0 else []
+    return broadcast, warmup
 
 
 def allreduce_sum(values: np.ndarray, name: str) -> np.ndarray:

@@ -94,6 +94,12 @@ def _make_stop_callback(stop: StopRequest) -> Any:
 
         stopped = False
 
+        def __init__(self) -> None:
+            super().__init__()
+            # This hook reads no metrics: without this flag Keras would copy the logs to NumPy
+            # after every batch, a sync that cost ~20 % of an epoch (benchmarks/RESULTS.md).
+            self._supports_tf_logs = True
+
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
             if parallel.any_rank(stop.requested):
                 self.stopped = True
@@ -365,10 +371,8 @@ def train(
 
     stop = StopRequest()
     stop_callback = _make_stop_callback(stop)
-    callbacks = [
-        *parallel.sync_callbacks(learning_rate, params["warmup_epochs"], train_batches.steps),
-        stop_callback,
-    ]
+    broadcast, warmup = parallel.sync_callbacks(
+        learning_rate, params["warmup_epochs"], train_batches.steps, ranks.size)
     verbose = (1 if sys.stdout.isatty() else 0) if ranks.is_root else 0
     reason = COMPLETED
     # early-stopping state continues across a resume: it is derived from the history
@@ -378,6 +382,11 @@ def train(
     with stop.installed():
         for epoch in range(start_epoch, params["epochs"]):
             began = time.perf_counter()
+            # Horovod's per-batch hooks only where they are needed: the broadcast in the first
+            # fit of this process, the LR ramp in the warm-up epochs.
+            callbacks = [stop_callback]
+            callbacks += broadcast if epoch == start_epoch else []
+            callbacks += warmup if epoch < params["warmup_epochs"] + 1 else []
             fit = model.fit(
                 train_batches.epoch(epoch),
                 epochs=epoch + 1,
