@@ -131,8 +131,9 @@ def init(threads_per_rank: int = 0) -> Ranks:
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is true on any rank; a few microseconds via plain MPI.
 
-    Used once per batch so that a signal seen by one rank stops all ranks after the same batch
-    (a rank that stops alone leaves the others waiting forever in the next gradient allreduce).
+    Used every few batches so that a signal seen by one rank stops all ranks after the same
+    batch (a rank that stops alone leaves the others waiting forever in the next gradient
+    allreduce).
     """
     if init().size == 1:
         return flag
@@ -174,7 +175,12 @@ def scaled_learning_rate(base: float, size: int, rule: str) -> float:
 
 
 def distributed_optimizer(optimizer: Any) -> Any:
-    """Wrap a Keras 2 optimizer so gradients are averaged over ranks before each step."""
+    """Wrap a Keras 2 optimizer so gradients are averaged over ranks before each step.
+
+    Alone there is nothing to average, and Horovod's background thread would only cost time.
+    """
+    if init().size == 1:
+        return optimizer
     import horovod.tensorflow.keras as hvd
 
     return hvd.DistributedOptimizer(optimizer)
