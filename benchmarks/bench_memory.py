@@ -53,7 +53,7 @@ def main() -> None:
         f"python benchmarks/bench_memory.py{' --quick' if args.quick else ''}",
         table, f"`hpcdl train`, MLP 784-512-512-10, 1 epoch, peak RSS (getrusage) of each rank as "
         f"recorded in the run file (`peak_rss_mb`). Going from 1 to 2 ranks the per-rank peak "
-        f"changed by {drop:+.1f} MiB (the train shard halves: {train_mb / 2:.1f} MiB less to hold, "
+        f"fell by {drop:.1f} MiB (the train shard halves: {train_mb / 2:.1f} MiB less to hold, "
         "plus its tf.constant copy); most of a rank's memory is TensorFlow itself.")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 
 from common import REPO, append_results, run
@@ -19,6 +20,7 @@ def main() -> None:
     parser.add_argument("--rerun", action="store_true", help="delete the sweep and run it again")
     parser.add_argument("--quick", action="store_true", help="reuse a finished sweep if any")
     args = parser.parse_args()
+    os.chdir(REPO)  # the sweep's paths, and Snakemake's, are relative to the repository
     from hpcdl import config, store
 
     cfg = config.load(REPO / args.config)
@@ -41,7 +43,8 @@ def main() -> None:
         # rank-seconds in epochs over ranks = wall seconds in epochs for that job
         epoch_seconds[rule] += sum(record.epochs.get("epoch_seconds", []))
     total_job = sum(job_seconds.values())
-    total_epochs = sum(epoch_seconds.values())
+    # only epochs of jobs Snakemake timed (a scaling run made by hand has no job record)
+    total_epochs = sum(seconds for rule, seconds in epoch_seconds.items() if rule in job_seconds)
     table = [["rule", "job seconds", "seconds in training epochs", "outside epochs"]]
     for rule, seconds in sorted(job_seconds.items(), key=lambda kv: -kv[1]):
         inside = epoch_seconds.get(rule, 0.0)
