@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -39,4 +38,3 @@ def test_doctor_table_is_readable() -> None:
     assert result.returncode == 0, result.stderr
     for item in ("tensorflow", "horovod", "mpi4py", "sbatch", "apptainer"):
         assert item in result.stdout
-    assert os.environ.get("TF_USE_LEGACY_KERAS") in (None, "1")
