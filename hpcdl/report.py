@@ -271,9 +271,8 @@ def read_scaling(path: Path) -> dict[str, np.ndarray] | None:
         return {key: handle[key][()] for key in handle}
 
 
-def make_figures(
-    config: Config, s: optuna.Study, rows: list[TrialRow], top: list[int]
-) -> dict[str, Path]:
+def make_figures(config: Config, s: optuna.Study, rows: list[TrialRow], top: list[int],
+                 scaling: dict[str, np.ndarray] | None) -> dict[str, Path]:
     """Every figure that the data allows, as PNG (and SVG) in the sweep's figures/ folder."""
     from optuna.visualization import matplotlib as ovm
 
@@ -308,7 +307,6 @@ def make_figures(
     curves = learning_curves(rows, folder / "curves", top)
     if curves:
         figures["curves"] = curves
-    scaling = read_scaling(config.sweep_dir / "scaling.h5")
     if scaling is not None:
         png = scaling_figure(scaling, folder / "scaling")
         if png:
@@ -349,7 +347,8 @@ def render(config: Config, s: optuna.Study, rows: list[TrialRow]) -> Path:
 
     best_first = ranked(config, rows)
     top = [r.number for r in best_first[:5]] + [r.number for r in rows if r.state == "PRUNED"][:3]
-    figures = make_figures(config, s, rows, top)
+    scaling = read_scaling(config.sweep_dir / "scaling.h5")
+    figures = make_figures(config, s, rows, top, scaling)
     final = config.sweep_dir / "best" / "run.h5"
     final_run = store.read_run(final) if final.exists() else None
     states = {state.name: sum(1 for r in rows if r.state == state.name) for state in TrialState}
@@ -384,7 +383,7 @@ def render(config: Config, s: optuna.Study, rows: list[TrialRow]) -> Path:
         config_yaml=yaml.safe_dump(config.as_dict(), sort_keys=False),
         versions=versions,
         directions=[d.name.lower() for d in s.directions],
-        scaling=read_scaling(config.sweep_dir / "scaling.h5"),
+        scaling=scaling,
         fmt=_fmt,
         params=sorted({n for r in rows for n in r.params}),
         hpcdl_version=__version__,
