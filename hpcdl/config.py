@@ -30,6 +30,7 @@ EPOCH_METRICS = (
     "val_accuracy",
     "epoch_seconds",
     "samples_per_second",
+    "elapsed_seconds",
 )
 RUN_METRICS = ("n_params", "wall_seconds")
 

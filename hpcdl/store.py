@@ -4,7 +4,8 @@ Run file (one training run or one trial), readable with h5dump:
   attributes: format=hpcdl-run, study, trial_number, state, stop_reason, params (JSON), seed,
               ranks, hosts (JSON), versions (JSON), wall_seconds, n_params, dataset, config (JSON)
   /epochs/<metric>: one value per finished epoch (loss, accuracy, val_loss, val_accuracy,
-              epoch_seconds, samples_per_second, learning_rate)
+              epoch_seconds, samples_per_second, learning_rate, elapsed_seconds: wall
+              seconds since the run began at the end of the epoch, validation included)
   /test/<metric>: scalars, present when the run evaluated on test
 """
 

@@ -412,6 +412,9 @@ def train(
             if not fit_on_val:
                 val = evaluate_global(model, val_x, val_y, f"val.epoch{epoch}")
                 metrics.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"]})
+            # wall time since the run began (earlier sessions included), validation included:
+            # its differences are the real period of an epoch, every per-epoch cost counted
+            metrics["elapsed_seconds"] = wall_before + time.perf_counter() - wall_start
             if not all(math.isfinite(v) for k, v in metrics.items() if k.endswith("loss")):
                 reason = FAILED_NON_FINITE
                 log.error("epoch %d: non-finite loss %s: stopping", epoch + 1, metrics)

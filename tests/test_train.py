@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import subprocess
 import time
@@ -89,6 +90,10 @@ def test_sigterm_then_resume_equals_uninterrupted(results: Path) -> None:
     assert f"after epoch {interrupted.n_epochs}" in resumed.stderr
     final = store.read_run(out)
     assert final.attrs["stop_reason"] == "completed" and final.n_epochs == 6
+    # the run's clock carries on across the resume
+    elapsed = final.epochs["elapsed_seconds"]
+    assert elapsed[: interrupted.n_epochs] == interrupted.epochs["elapsed_seconds"]
+    assert all(a < b for a, b in itertools.pairwise(elapsed))
 
     reference = results / "uninterrupted.h5"
     assert run_mpi(2, "hpcdl", *train_args(results, reference, *slow)).returncode == 0
