@@ -13,13 +13,12 @@ Finished runs and sweeps are reused, so an interrupted benchmark continues where
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
-from common import REPO, append_results, env, run
+from common import REPO, append_results, fashion_mnist, run, run_workers
 
 sys.path.insert(0, str(REPO))
 
@@ -64,13 +63,7 @@ def run_sweep(config_path: Path, workers: int) -> dict[str, Any]:
     """Workers until the budget is spent, then `hpcdl final`; the final run's attributes."""
     from hpcdl import config, store
 
-    jobs = [subprocess.Popen(["hpcdl", "worker", "--config", str(config_path),
-                              "--worker-id", str(i)], env=env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True) for i in range(workers)]
-    for job in jobs:
-        _, stderr = job.communicate()
-        if job.returncode != 0:
-            sys.exit(f"worker failed on {config_path}:\n{stderr[-3000:]}")
+    run_workers(config_path, workers)
     cfg = config.load(config_path)
     final = cfg.sweep_dir / "best" / "run.h5"
     if not final.exists():
@@ -106,13 +99,7 @@ def main() -> None:
     parser.add_argument("--cnn-epochs", type=int, default=12)
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    shared = REPO / "results" / "data" / "fashion_mnist.h5"
-    if not shared.exists():
-        run(["hpcdl", "prepare", "fashion_mnist", "--out", str(shared)])
-    data = WORK / "data" / "fashion_mnist.h5"
-    if not data.exists():
-        data.parent.mkdir(exist_ok=True)
-        data.symlink_to(shared)
+    fashion_mnist(WORK)
 
     table = [["model", "budget", "test accuracy", "reference", "goal"]]
     budgets = {"mlp": (3, 2)} if args.quick else {"mlp": (args.mlp_trials, args.mlp_epochs),

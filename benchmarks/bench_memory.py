@@ -10,10 +10,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, append_results, run, summary
+from common import FASHION_MNIST, REPO, append_results, fashion_mnist, run, summary
 
 sys.path.insert(0, str(REPO))
-DATA = REPO / "results" / "data" / "fashion_mnist.h5"
 
 
 def peak_per_rank(ranks: int, work: Path) -> list[float]:
@@ -33,11 +32,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     reps = 3 if args.quick else args.reps
-    if not DATA.exists():
-        run(["hpcdl", "prepare", "fashion_mnist", "--out", str(DATA)])
+    fashion_mnist()
     from hpcdl import data
 
-    info = data.dataset_info(DATA)
+    info = data.dataset_info(FASHION_MNIST)
     train_mb = info.sizes["train"] * 28 * 28 / 2**20  # uint8 as stored and held
     peaks: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:

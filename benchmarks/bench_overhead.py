@@ -15,9 +15,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import REPO, append_results, run, summary
-
-DATA = REPO / "results" / "data" / "fashion_mnist.h5"
+from common import FASHION_MNIST, REPO, append_results, fashion_mnist, run, summary
 
 
 def hpcdl_epochs(ranks: int, epochs: int, work: Path) -> list[float]:
@@ -37,8 +35,8 @@ def hpcdl_epochs(ranks: int, epochs: int, work: Path) -> list[float]:
 
 
 def baseline_epochs(ranks: int, epochs: int) -> list[float]:
-    command = [sys.executable, str(REPO / "benchmarks" / "baseline.py"), "--data", str(DATA),
-               "--epochs", str(epochs)]
+    command = [sys.executable, str(REPO / "benchmarks" / "baseline.py"),
+               "--data", str(FASHION_MNIST), "--epochs", str(epochs)]
     if ranks > 1:
         command = ["mpirun", "-np", str(ranks), *command, "--horovod"]
     line = [ln for ln in run(command).stdout.splitlines() if ln.startswith("{")][-1]
@@ -52,8 +50,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
     reps, epochs = (5, 3) if args.quick else (args.reps, args.epochs)
-    if not DATA.exists():
-        run(["hpcdl", "prepare", "fashion_mnist", "--out", str(DATA)])
+    fashion_mnist()
     table = [["ranks", "baseline", "hpcdl epoch s", "baseline epoch s", "ratio hpcdl/baseline"]]
     with tempfile.TemporaryDirectory() as tmp:
         for ranks, name in ((1, "plain Keras"), (2, "plain Horovod recipe")):

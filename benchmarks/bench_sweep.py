@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from common import REPO, append_results, env
+from common import REPO, append_results, fashion_mnist, run_workers
 
 sys.path.insert(0, str(REPO))
 
@@ -63,17 +62,6 @@ def sweep_config(method: str, seed: int, n_trials: int, epochs: int) -> Path:
     path = WORK / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
-
-
-def run_sweep(config_path: Path, workers: int) -> None:
-    """Two workers on one study, as Snakemake's local profile would start them."""
-    jobs = [subprocess.Popen(["hpcdl", "worker", "--config", str(config_path),
-                              "--worker-id", str(i)], env=env(), stderr=subprocess.PIPE,
-                             stdout=subprocess.DEVNULL, text=True) for i in range(workers)]
-    for job in jobs:
-        _, stderr = job.communicate()
-        if job.returncode != 0:
-            sys.exit(f"worker failed on {config_path}:\n{stderr[-3000:]}")
 
 
 def read_curve(config_path: Path, budget: int) -> Curve:
@@ -134,20 +122,13 @@ def main() -> None:
     if args.rerun:
         shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True, exist_ok=True)
-    data = WORK / "data" / "fashion_mnist.h5"
-    if not data.exists():
-        shared = REPO / "results" / "data" / "fashion_mnist.h5"
-        if not shared.exists():
-            subprocess.run(["hpcdl", "prepare", "fashion_mnist", "--out", str(shared)],
-                           env=env(), check=True)
-        data.parent.mkdir(exist_ok=True)
-        data.symlink_to(shared)
+    fashion_mnist(WORK)
     curves: dict[str, list[Curve]] = {method: [] for method in METHODS}
     for seed in range(seeds):  # alternate the two methods seed by seed
         for method in METHODS:
             n = trials if method == "random" else 2 * trials
             path = sweep_config(method, seed, n, epochs)
-            run_sweep(path, args.workers)
+            run_workers(path, args.workers)
             curves[method].append(read_curve(path, budget))
     plot(curves, budget)
 

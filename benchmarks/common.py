@@ -14,6 +14,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
+FASHION_MNIST = REPO / "results" / "data" / "fashion_mnist.h5"
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "PYTHONPATH": str(REPO)}
 
@@ -29,6 +30,31 @@ def run(command: Sequence[str], **extra_env: str) -> subprocess.CompletedProcess
     if done.returncode != 0:
         sys.exit(f"benchmark step failed: {shlex.join(command)}\n{done.stderr[-3000:]}")
     return done
+
+
+def fashion_mnist(results_dir: Path | None = None) -> Path:
+    """Prepare Fashion-MNIST once (from Debian's package); link it into a sweep's results_dir."""
+    if not FASHION_MNIST.exists():
+        run(["hpcdl", "prepare", "fashion_mnist", "--out", str(FASHION_MNIST)])
+    if results_dir is None:
+        return FASHION_MNIST
+    linked = results_dir / "data" / FASHION_MNIST.name
+    if not linked.exists():
+        linked.parent.mkdir(parents=True, exist_ok=True)
+        linked.symlink_to(FASHION_MNIST)
+    return linked
+
+
+def run_workers(config_path: Path, workers: int) -> None:
+    """Concurrent `hpcdl worker` processes on one study until its budget is spent, as
+    Snakemake's local profile starts them."""
+    jobs = [subprocess.Popen(["hpcdl", "worker", "--config", str(config_path),
+                              "--worker-id", str(i)], env=env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True) for i in range(workers)]
+    for job in jobs:
+        _, stderr = job.communicate()
+        if job.returncode != 0:
+            sys.exit(f"worker failed on {config_path}:\n{stderr[-3000:]}")
 
 
 def machine() -> str:
