@@ -30,8 +30,9 @@ lint:
 # Benchmarks append to benchmarks/RESULTS.md. bench-quick finishes in about 10 minutes on 2 cores.
 BENCH_ARGS ?=
 bench: setup
-	cd benchmarks && python bench_overhead.py $(BENCH_ARGS) && python bench_storage.py $(BENCH_ARGS) \
-	  && python bench_memory.py $(BENCH_ARGS) && python bench_pipeline.py $(BENCH_ARGS)
+	cd benchmarks && python bench_overhead.py $(BENCH_ARGS) && python bench_scaling.py $(BENCH_ARGS) \
+	  && python bench_storage.py $(BENCH_ARGS) && python bench_memory.py $(BENCH_ARGS) \
+	  && python bench_pipeline.py $(BENCH_ARGS)
 
 bench-quick:
 	$(MAKE) bench BENCH_ARGS=--quick

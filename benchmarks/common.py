@@ -39,7 +39,7 @@ def fashion_mnist(results_dir: Path | None = None) -> Path:
     if results_dir is None:
         return FASHION_MNIST
     linked = results_dir / "data" / FASHION_MNIST.name
-    if not linked.exists():
+    if not linked.exists() and not linked.is_symlink():
         linked.parent.mkdir(parents=True, exist_ok=True)
         linked.symlink_to(FASHION_MNIST)
     return linked
