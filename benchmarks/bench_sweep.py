@@ -95,13 +95,17 @@ def plot(curves: dict[str, list[Curve]], budget: int) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for (method, runs), colour in zip(curves.items(), ("tab:grey", "tab:blue"), strict=True):
         for i, curve in enumerate(runs):
-            ax.step(curve.epochs, curve.best, where="post", color=colour, alpha=0.8,
+            # from the first complete trial on: before it there is no model to speak of
+            found = [(e, b) for e, b in zip(curve.epochs, curve.best, strict=True) if b > 0]
+            if not found:
+                continue
+            ax.step(*zip(*found, strict=True), where="post", color=colour, alpha=0.8,
                     label=method if i == 0 else None)
     ax.set(xlabel="epochs spent (all trials)", ylabel="best val accuracy so far",
            xlim=(0, budget), title="Fashion-MNIST MLP sweep: TPE + Hyperband vs random")
-    firsts = [c.best[0] for runs in curves.values() for c in runs if c.best]
+    firsts = [b for runs in curves.values() for c in runs for b in c.best if b > 0]
     if firsts:
-        ax.set_ylim(bottom=max(0.0, min(firsts) - 0.01))
+        ax.set_ylim(bottom=min(firsts) - 0.005)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
