@@ -3,7 +3,7 @@
 set -uo pipefail
 BASE=${HPCDL_SLURM_DIR:-/tmp/hpcdl-slurm}
 [[ -f /etc/slurm/slurm.conf ]] && scancel --full --quiet --user="$(id -un)" 2>/dev/null
-for pidfile in "$BASE"/run/slurmd-*.pid "$BASE"/run/slurmctld.pid "$BASE"/run/munged.pid; do
+for pidfile in "$BASE"/run/slurmd-*.pid "$BASE"/run/slurmctld.pid "$BASE"/run/munge/munged.pid; do
   [[ -f $pidfile ]] || continue
   pid=$(cat "$pidfile")
   kill "$pid" 2>/dev/null && for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done

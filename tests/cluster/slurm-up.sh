@@ -37,7 +37,10 @@ fi
 chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
 mkdir -p /run/munge /var/log/munge /var/lib/munge && chown munge:munge /run/munge /var/log/munge /var/lib/munge
 if ! pgrep -x munged >/dev/null; then
-  runuser -u munge -- /usr/sbin/munged --pid-file="$BASE/run/munged.pid"
+  # munged runs as munge: its pid file goes in a directory munge owns, or it cannot be
+  # written and slurm-down.sh would leave the daemon running
+  mkdir -p "$BASE/run/munge" && chown munge:munge "$BASE/run/munge"
+  runuser -u munge -- /usr/sbin/munged --pid-file="$BASE/run/munge/munged.pid"
 fi
 
 mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 3 ))
