@@ -196,6 +196,10 @@ def sync_callbacks(initial_lr: float, warmup_epochs: float, steps_per_epoch: int
     warmup = [hvd.callbacks.LearningRateWarmupCallback(
         initial_lr=initial_lr, warmup_epochs=warmup_epochs, steps_per_epoch=steps_per_epoch,
         verbose=0)] if warmup_epochs > 0 else []
+    for callback in broadcast + warmup:
+        # their batch hooks read no metrics: without this flag Keras copies the logs to NumPy
+        # after every batch, a sync that cost ~20 % of an epoch (benchmarks/RESULTS.md)
+        callback._supports_tf_logs = True
     return broadcast, warmup
 
 

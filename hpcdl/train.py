@@ -111,6 +111,28 @@ def _make_stop_callback(stop: StopRequest) -> Any:
     return AgreeOnStop()
 
 
+def _make_epoch_callback(end_of_epoch: Callable[[int, Mapping[str, float], float], str | None]
+                         ) -> Any:
+    from tensorflow import keras
+
+    class EpochEnd(keras.callbacks.Callback):
+        """Times each epoch's training and hands it to `end_of_epoch`; stops the fit when
+        that returns a stop reason (kept in `reason`)."""
+
+        reason: str | None = None
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self.began = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            seconds = time.perf_counter() - self.began
+            self.reason = end_of_epoch(epoch, logs or {}, seconds)
+            if self.reason is not None:
+                self.model.stop_training = True
+
+    return EpochEnd()
+
+
 def make_optimizer(params: Mapping[str, Any], learning_rate: float) -> Any:
     from tensorflow import keras
 
@@ -140,11 +162,17 @@ class ShardBatches:
         self.n, self.batch_size, self.seed, self.rank = len(y), batch_size, seed, rank
         self.steps = self.n // batch_size
 
-    def epoch(self, epoch: int) -> Any:
+    def epochs(self, start: int, end: int) -> Any:
+        """Batches of epochs start..end-1 in one dataset: each epoch's order depends only on
+        (seed, rank, epoch), so a resumed run sees the batches an uninterrupted one would."""
         import tensorflow as tf
 
-        order = np.random.default_rng([self.seed, self.rank, epoch]).permutation(self.n)
-        batches = order[: self.steps * self.batch_size].reshape(self.steps, self.batch_size)
+        orders = [
+            np.random.default_rng([self.seed, self.rank, epoch]).permutation(self.n)
+            for epoch in range(start, end)
+        ]
+        used = self.steps * self.batch_size
+        batches = np.stack([order[:used] for order in orders]).reshape(-1, self.batch_size)
         x, y = self.x, self.y
         return (
             tf.data.Dataset.from_tensor_slices(batches)
@@ -175,7 +203,7 @@ def evaluate_global(model: Any, x: np.ndarray, y: np.ndarray, name: str) -> dict
 
 
 def _epoch_metrics(
-    fit_history: Mapping[str, list[float]],
+    logs: Mapping[str, float],
     seconds: float,
     batches: ShardBatches,
     size: int,
@@ -185,8 +213,8 @@ def _epoch_metrics(
     from tensorflow import keras
 
     local = {
-        "loss": fit_history["loss"][-1],
-        "accuracy": fit_history["accuracy"][-1],
+        "loss": float(logs["loss"]),
+        "accuracy": float(logs["accuracy"]),
         "epoch_seconds": seconds,
     }
     metrics = parallel.allreduce_mean(local, "train.metrics")
@@ -382,71 +410,75 @@ def train(
     val_losses = history.get("val_loss", [])
     best_val_loss = min(val_losses, default=math.inf)
     epochs_since_best = len(val_losses) - 1 - val_losses.index(best_val_loss) if val_losses else 0
-    with stop.installed():
-        for epoch in range(start_epoch, params["epochs"]):
-            began = time.perf_counter()
-            # Horovod's per-batch hooks only where they are needed: the broadcast in the first
-            # fit of this process, the LR ramp in the warm-up epochs.
-            callbacks = [stop_callback]
-            callbacks += broadcast if epoch == start_epoch else []
-            callbacks += warmup if epoch < params["warmup_epochs"] + 1 else []
-            fit = model.fit(
-                train_batches.epoch(epoch),
-                epochs=epoch + 1,
-                initial_epoch=epoch,
-                verbose=verbose,
-                callbacks=callbacks,
+
+    def interrupted() -> str:
+        """Rank 0 records the interruption at once: fit() can take seconds to return after a
+        stop at 2 ranks, and mpirun kills its ranks about a second after its own SIGTERM."""
+        if ranks.is_root:
+            elapsed = wall_before + time.perf_counter() - wall_start
+            store.write_run(out, store.RunRecord(
+                {**attrs, "stop_reason": INTERRUPTED, "wall_seconds": elapsed}, history))
+        return INTERRUPTED
+
+    def end_of_epoch(epoch: int, logs: Mapping[str, float], seconds: float) -> str | None:
+        """Validate, record, checkpoint; the stop reason if the run ends after this epoch."""
+        nonlocal history, best_val_loss, epochs_since_best
+        if stop_callback.stopped:
+            log.warning(
+                "%s received: stopping after epoch %d's unfinished batch; the "
+                "checkpoint of epoch %d stays for resumption",
+                stop.signal_name or "stop from another rank", epoch + 1, epoch)
+            return interrupted()
+        metrics = _epoch_metrics(logs, seconds, train_batches, ranks.size, model)
+        if not fit_on_val:
+            val = evaluate_global(model, val_x, val_y, f"val.epoch{epoch}")
+            metrics.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"]})
+        # wall time since the run began (earlier sessions included), validation included:
+        # its differences are the real period of an epoch, every per-epoch cost counted
+        metrics["elapsed_seconds"] = wall_before + time.perf_counter() - wall_start
+        history = store.merge_epochs(history, metrics)
+        if not all(math.isfinite(v) for k, v in metrics.items() if k.endswith("loss")):
+            log.error("epoch %d: non-finite loss %s: stopping", epoch + 1, metrics)
+            return FAILED_NON_FINITE
+        if ranks.is_root:
+            shown = [k for k in EPOCH_METRICS if k in metrics]
+            log.info("epoch %d/%d: %s", epoch + 1, params["epochs"],
+                     " ".join(f"{k} {metrics[k]:.4g}" for k in shown))
+            elapsed = wall_before + time.perf_counter() - wall_start
+            record = store.RunRecord(
+                {**attrs, "stop_reason": RUNNING, "wall_seconds": elapsed}, history
             )
-            seconds = time.perf_counter() - began
-            if stop_callback.stopped:
-                reason = INTERRUPTED
-                log.warning(
-                    "%s received: stopping after epoch %d's unfinished batch; the "
-                    "checkpoint of epoch %d stays for resumption",
-                    stop.signal_name or "stop from another rank",
-                    epoch + 1,
-                    epoch,
-                )
-                break
-            metrics = _epoch_metrics(fit.history, seconds, train_batches, ranks.size, model)
-            if not fit_on_val:
-                val = evaluate_global(model, val_x, val_y, f"val.epoch{epoch}")
-                metrics.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"]})
-            # wall time since the run began (earlier sessions included), validation included:
-            # its differences are the real period of an epoch, every per-epoch cost counted
-            metrics["elapsed_seconds"] = wall_before + time.perf_counter() - wall_start
-            if not all(math.isfinite(v) for k, v in metrics.items() if k.endswith("loss")):
-                reason = FAILED_NON_FINITE
-                log.error("epoch %d: non-finite loss %s: stopping", epoch + 1, metrics)
-                history = store.merge_epochs(history, metrics)
-                break
-            history = store.merge_epochs(history, metrics)
-            if ranks.is_root:
-                shown = [k for k in EPOCH_METRICS if k in metrics]
-                log.info("epoch %d/%d: %s", epoch + 1, params["epochs"],
-                         " ".join(f"{k} {metrics[k]:.4g}" for k in shown))
-                elapsed = wall_before + time.perf_counter() - wall_start
-                record = store.RunRecord(
-                    {**attrs, "stop_reason": RUNNING, "wall_seconds": elapsed}, history
-                )
-                _save_checkpoint(out, model, epoch + 1, record)
-                store.write_run(out, record)
-            if parallel.any_rank(stop.requested):  # signalled late in the epoch: it is kept
-                reason = INTERRUPTED
-                log.warning("%s received: stopping after epoch %d, checkpointed",
-                            stop.signal_name or "stop from another rank", epoch + 1)
-                break
-            if on_epoch is not None and on_epoch(epoch, metrics):
-                reason = PRUNED
-                break
-            if params["patience"] and not fit_on_val:
-                if metrics["val_loss"] < best_val_loss:
-                    best_val_loss, epochs_since_best = metrics["val_loss"], 0
-                else:
-                    epochs_since_best += 1
-                    if epochs_since_best >= params["patience"]:
-                        reason = EARLY_STOPPED
-                        break
+            _save_checkpoint(out, model, epoch + 1, record)
+            store.write_run(out, record)
+        if parallel.any_rank(stop.requested):  # signalled late in the epoch: it is kept
+            log.warning("%s received: stopping after epoch %d, checkpointed",
+                        stop.signal_name or "stop from another rank", epoch + 1)
+            return interrupted()
+        if on_epoch is not None and on_epoch(epoch, metrics):
+            return PRUNED
+        if params["patience"] and not fit_on_val:
+            if metrics["val_loss"] < best_val_loss:
+                best_val_loss, epochs_since_best = metrics["val_loss"], 0
+            else:
+                epochs_since_best += 1
+                if epochs_since_best >= params["patience"]:
+                    return EARLY_STOPPED
+        return None
+
+    epoch_callback = _make_epoch_callback(end_of_epoch)
+    if start_epoch < params["epochs"]:
+        with stop.installed():
+            # One fit() over all epochs: a fit() per epoch cost ~0.85 s of set-up per epoch at
+            # 2 ranks (benchmarks/RESULTS.md, benchmark 1); the per-epoch work is a callback.
+            model.fit(
+                train_batches.epochs(start_epoch, params["epochs"]),
+                epochs=params["epochs"],
+                initial_epoch=start_epoch,
+                steps_per_epoch=train_batches.steps,
+                verbose=verbose,
+                callbacks=[stop_callback, *broadcast, *warmup, epoch_callback],
+            )
+        reason = epoch_callback.reason or COMPLETED
 
     test: dict[str, float] = {}
     if reason in (COMPLETED, EARLY_STOPPED):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import subprocess
 import time
@@ -77,13 +78,18 @@ def test_sigterm_then_resume_equals_uninterrupted(results: Path) -> None:
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    job.send_signal(signal.SIGTERM)
+    ranks = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True,
+                           check=True).stdout.split()
+    for pid in ranks:  # what Slurm does at the time limit: signal every task
+        os.kill(int(pid), signal.SIGTERM)
     _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 75, stderr[-3000:]
     assert "SIGTERM received" in stderr, stderr[-3000:]
     assert "exited on signal" not in stderr  # ranks stopped themselves, nothing was killed
     interrupted = store.read_run(out)
     # the signal may land during an epoch's validation: then that epoch is kept too
-    assert interrupted.attrs["stop_reason"] == "interrupted" and 1 <= interrupted.n_epochs < 6
+    assert interrupted.attrs["stop_reason"] == "interrupted", stderr[-3000:]
+    assert 1 <= interrupted.n_epochs < 6
 
     resumed = run_mpi(2, "hpcdl", *train_args(results, out, *slow))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
