@@ -20,18 +20,19 @@ demo: setup
 	@echo "report: $$(python -c 'from hpcdl import config; print(config.load("$(DEMO_CONFIG)").sweep_dir)')/report.html"
 
 test: setup
-	ruff check hpcdl tests
+	ruff check hpcdl tests benchmarks
 	python -m pytest $(PYTEST_ARGS)
 
+# the code is formatted by hand to ruff's line length (100); `ruff format` is not applied
 lint:
-	ruff check hpcdl tests
-	ruff format --check hpcdl tests
+	ruff check hpcdl tests benchmarks
 
-# Benchmarks append to benchmarks/RESULTS.md. bench-quick finishes in about 10 minutes on 2 cores.
+# Benchmarks append to benchmarks/RESULTS.md. bench-quick: each script's small mode.
 BENCH_ARGS ?=
 bench: setup
 	cd benchmarks && python bench_overhead.py $(BENCH_ARGS) && python bench_scaling.py $(BENCH_ARGS) \
-	  && python bench_storage.py $(BENCH_ARGS) && python bench_memory.py $(BENCH_ARGS) \
+	  && python bench_storage.py $(BENCH_ARGS) && python bench_sweep.py $(BENCH_ARGS) \
+	  && python bench_accuracy.py $(BENCH_ARGS) && python bench_memory.py $(BENCH_ARGS) \
 	  && python bench_pipeline.py $(BENCH_ARGS)
 
 bench-quick:
