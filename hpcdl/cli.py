@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +151,23 @@ def cmd_storage_serve(args: argparse.Namespace) -> int:
         args.host,
         args.port,
     )
-    optuna.storages.run_grpc_proxy_server(backend, host=args.host, port=args.port)
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # explicit handlers: a shell starts background jobs with SIGINT ignored (so did CI's), and
+    # SIGTERM is what Slurm and `kill` send
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    pool = ThreadPoolExecutor(max_workers=10)
+    try:
+        optuna.storages.run_grpc_proxy_server(
+            backend, host=args.host, port=args.port, thread_pool=pool)
+    except KeyboardInterrupt:
+        log.info("stopping: finishing the storage calls in flight")
+        pool.shutdown(wait=True, cancel_futures=True)
+        logging.shutdown()
+        # every storage call has finished: leave without waiting for gRPC's own teardown
+        os._exit(0)
     return 0
 
 

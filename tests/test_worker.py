@@ -176,15 +176,22 @@ def test_grpc_proxy_storage(results: Path) -> None:
     port = free_port()
     cfg = write_sweep_config(results, storage=f"grpc://127.0.0.1:{port}",
                              search={"n_trials": 4}, train={"epochs": 2})
+    # started with SIGINT ignored, as a shell starts a background job (CI did): Ctrl-C / SIGINT
+    # must still stop it
     server = subprocess.Popen(["hpcdl", "storage", "serve", "--config", str(cfg), "--host",
                                "127.0.0.1"], env=hpcdl_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                              stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 60, "gRPC proxy")
         two_workers(cfg, results)
     finally:
         server.send_signal(signal.SIGINT)
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        finally:
+            server.kill()  # no proxy outlives the test, whatever happened
+    assert server.returncode == 0, server.stdout.read()[-3000:] if server.stdout else ""
     journal = results / "sweep" / "study.journal"
     assert journal.is_file()  # the proxy wrote through to the sweep's journal
 
