@@ -93,10 +93,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="MLP sweep of 3 trials x 2 epochs only (checks the pipeline)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--mlp-trials", type=int, default=16)
-    parser.add_argument("--mlp-epochs", type=int, default=20)
-    parser.add_argument("--cnn-trials", type=int, default=8)
-    parser.add_argument("--cnn-epochs", type=int, default=12)
+    parser.add_argument("--mlp-trials", type=int, default=12)
+    parser.add_argument("--mlp-epochs", type=int, default=15)
+    parser.add_argument("--cnn-trials", type=int, default=6)
+    parser.add_argument("--cnn-epochs", type=int, default=8)
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     fashion_mnist(WORK)
@@ -121,7 +121,7 @@ def main() -> None:
                       f"{best['test']:.4f}", "", f">= {GOALS[family]}: {met}"])
     append_results(
         "5. Accuracy against the workshop's numbers (Fashion-MNIST test set, 10000 images)",
-        f"python benchmarks/bench_accuracy.py{' --quick' if args.quick else ''}", table,
+        table,
         "Sweeps: TPE (multivariate) + Hyperband, objective best-epoch val accuracy (6000 val "
         "images held out of train), 2 workers of 1 rank / 1 thread, batch 128, Adam; the best "
         "trial's params retrained on train+val by `hpcdl final`, then scored once on the test "

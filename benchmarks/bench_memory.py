@@ -48,7 +48,6 @@ def main() -> None:
     drop = statistics.median(peaks[1]) - statistics.median(peaks[2])
     append_results(
         "6. Memory per rank",
-        f"python benchmarks/bench_memory.py{' --quick' if args.quick else ''}",
         table, f"`hpcdl train`, MLP 784-512-512-10, 1 epoch, peak RSS (getrusage) of each rank as "
         f"recorded in the run file (`peak_rss_mb`). Going from 1 to 2 ranks the per-rank peak "
         f"fell by {drop:.1f} MiB (the train shard halves: {train_mb / 2:.1f} MiB less to hold, "

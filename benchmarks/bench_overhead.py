@@ -64,7 +64,7 @@ def main() -> None:
             table.append([str(ranks), name, summary(ours), summary(theirs), summary(ratios)])
     append_results(
         "1. Training overhead: hpcdl train vs plain Keras / plain Horovod",
-        f"python benchmarks/bench_overhead.py{' --quick' if args.quick else ''}", table,
+        table,
         f"MLP 784-512-512-10, batch 128 per rank, Adam, Fashion-MNIST (54000 train, 6000 val), "
         f"{epochs} epochs per run, {reps} alternated repetitions. Epoch period = wall time "
         "between consecutive epoch ends on rank 0 (hpcdl: differences of the run file's "

@@ -54,7 +54,7 @@ def main() -> None:
                   f"{(1 - total_epochs / total_job) * 100:.0f} %"])
     append_results(
         "7. Pipeline overhead of the local demo sweep",
-        f"python benchmarks/bench_pipeline.py --config {args.config}", table,
+        table,
         "Job seconds: Snakemake's `benchmark:` record of each job (summed over the workers, "
         "which run concurrently). Seconds in training epochs: the `epoch_seconds` (Keras fit "
         "time) of every run file the jobs wrote. The rest is process start-up and TensorFlow "

@@ -237,12 +237,11 @@ def main() -> None:
     reps, epochs = (3, 3) if args.quick else (args.reps, args.epochs)
     iterations, warmup = (5, 2) if args.quick else (20, 5)
     fashion_mnist()
-    command = f"python benchmarks/bench_scaling.py{' --quick' if args.quick else ''}"
     scaling_table, scaling_notes = scaling(reps, epochs)
     allreduce_table, allreduce_notes = allreduce(iterations, warmup)
-    append_results("2. Data-parallel efficiency: 1 vs 2 ranks", command, scaling_table,
+    append_results("2. Data-parallel efficiency: 1 vs 2 ranks", scaling_table,
                    scaling_notes)
-    append_results("2. Allreduce bandwidth: Horovod vs memory copy", command, allreduce_table,
+    append_results("2. Allreduce bandwidth: Horovod vs memory copy", allreduce_table,
                    allreduce_notes)
 
 

@@ -131,8 +131,7 @@ def main() -> None:
             table.append(measure(kind, processes, trials))
             print(" | ".join(table[-1]), flush=True)
     append_results(
-        "3. Study storage under contention", f"python benchmarks/bench_storage.py"
-        f"{' --quick' if args.quick else ''}", table,
+        "3. Study storage under contention", table,
         f"Each process: {trials} trials of ask + owner attributes + {EPOCHS} per-epoch reports "
         "+ tell, no training in between (the worst case for the storage). Storages opened by "
         "hpcdl.study.open_storage: journal file with the open-lock, SQLite with Optuna's "

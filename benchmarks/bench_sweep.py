@@ -154,7 +154,7 @@ def main() -> None:
     verdict = "met" if median <= 0.5 else "not met"
     append_results(
         "4. Sweep efficiency: TPE + Hyperband vs random search",
-        f"python benchmarks/bench_sweep.py{' --quick' if args.quick else ''}", table,
+        table,
         f"Fashion-MNIST (54000 train / 6000 val), MLP space width 32-512 (log), depth 1-3, "
         f"learning rate 1e-4-1e-2 (log), dropout 0-0.5; batch 128, Adam; objective: best "
         f"epoch's val accuracy. Budget per sweep: {trials} random trials x {epochs} epochs = "

@@ -77,8 +77,16 @@ def summary(values: Sequence[float]) -> str:
     return f"{median:.4g} [{min(values):.4g}-{max(values):.4g}] (n={len(values)})"
 
 
-def append_results(title: str, command: str, table: list[list[str]], notes: str) -> None:
+def invocation() -> str:
+    """The command line this script was started with, as typed from the repository root: the
+    record must name every option that shaped the figures."""
+    script = Path(sys.argv[0]).resolve()
+    return shlex.join(["python", str(script.relative_to(REPO)), *sys.argv[1:]])
+
+
+def append_results(title: str, table: list[list[str]], notes: str) -> None:
     """Append one benchmark's results, with where and how they were measured."""
+    command = invocation()
     header, *rows = table
     lines = [f"\n## {title} — {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC\n",
              f"Machine: {machine()}  ",
