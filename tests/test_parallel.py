@@ -61,6 +61,15 @@ def test_scaled_learning_rate(rule: str, expected: float) -> None:
     assert parallel.scaled_learning_rate(0.1, 4, rule) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize(
+    ("cores", "env", "expected"),
+    [(1, {}, "1"), (1, {"OMPI_MCA_mpi_yield_when_idle": "0"}, "0"), (2, {}, None)],
+)
+def test_quiet_idle_waits_only_on_one_core(cores: int, env: dict, expected: str | None) -> None:
+    parallel.quiet_idle_waits(env, cores)
+    assert env.get("OMPI_MCA_mpi_yield_when_idle") == expected
+
+
 @pytest.mark.slow
 @pytest.mark.mpi
 def test_horovod_two_ranks_under_mpirun() -> None:
@@ -72,11 +81,14 @@ def test_horovod_two_ranks_under_mpirun() -> None:
         "print(f'RANK {r.rank} OF {r.size} LOCAL {r.local_rank} VIA {r.launcher} "
         'SUM {total[0]:.0f} BCAST {obj["from"]}\', flush=True)\n'
     )
-    result = run_mpi(2, *python_cmd(code), timeout=300)
+    # Open MPI prints the parameters it took from the environment when MPI starts
+    result = run_mpi(2, *python_cmd(code), timeout=300, OMPI_MCA_mpi_show_mca_params="enviro")
     assert result.returncode == 0, result.stdout + result.stderr
     # ranks share one stdout: match the reports wherever the two lines interleave
     reports = sorted(re.findall(r"RANK \d OF \d LOCAL \d VIA \w+ SUM \d BCAST \d", result.stdout))
     assert reports == [f"RANK {r} OF 2 LOCAL {r} VIA mpirun SUM 3 BCAST 0" for r in range(2)]
+    # mpirun binds each of 2 ranks to one core, so hpcdl told Open MPI not to busy-poll
+    assert "mpi_yield_when_idle=true (environment)" in result.stdout + result.stderr
 
 
 @pytest.mark.slow
