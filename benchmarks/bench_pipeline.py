@@ -18,8 +18,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--rerun", action="store_true", help="delete the sweep and run it again")
-    parser.add_argument("--quick", action="store_true", help="reuse a finished sweep if any")
+    parser.add_argument("--quick", action="store_true",
+                        help="the smoke sweep (configs/smoke.yaml, a minute) instead of the demo")
     args = parser.parse_args()
+    if args.quick:
+        args.config = "configs/smoke.yaml"
     os.chdir(REPO)  # the sweep's paths, and Snakemake's, are relative to the repository
     from hpcdl import config, store
 

@@ -55,6 +55,7 @@ class Setup:
 ONE_128, ONE_256, TWO_128 = Setup(1, 128), Setup(1, 256), Setup(2, 128)
 TWO_128_BUSY = Setup(2, 128, busy_poll=True)
 PAIR_128 = Setup(1, 128, independent=True)
+ONE_512, TWO_512 = Setup(1, 512), Setup(2, 512)  # 4x the compute per gradient allreduce
 
 
 class Skipped(Exception):
@@ -173,7 +174,7 @@ def bandwidth_rows(label: str, result: dict[str, Any], memcpy: float) -> list[li
 def scaling(reps: int, epochs: int) -> tuple[list[list[str]], str]:
     """Weak and strong scaling table and its notes; launches alternated, order reversed
     every other repetition."""
-    setups = (ONE_128, ONE_256, TWO_128, TWO_128_BUSY, PAIR_128)
+    setups = (ONE_128, ONE_256, TWO_128, TWO_128_BUSY, PAIR_128, ONE_512, TWO_512)
     speeds: dict[Setup, list[list[float]]] = {setup: [] for setup in setups}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(reps):
@@ -199,6 +200,9 @@ def scaling(reps: int, epochs: int) -> tuple[list[list[str]], str]:
               summary(pooled(TWO_128_BUSY)), summary(efficiency(ONE_128, TWO_128_BUSY)), "-"],
              ["ceiling: 2 independent 1-rank runs, one per core, no communication", "2 x 1",
               "128 (-)", summary(pooled(PAIR_128)), summary(efficiency(ONE_128, PAIR_128)), "-"],
+             ["weak", "1", "512 (512)", summary(pooled(ONE_512)), "-", ""],
+             ["weak", "2", "512 (1024)", summary(pooled(TWO_512)),
+              summary(efficiency(ONE_512, TWO_512)), "-"],
              ["strong", "1", "256 (256)", summary(pooled(ONE_256)), "-", ""],
              ["strong", "2", "128 (256)", summary(pooled(TWO_128)),
               summary(efficiency(ONE_256, TWO_128)), "-"]]
@@ -209,14 +213,16 @@ def scaling(reps: int, epochs: int) -> tuple[list[list[str]], str]:
         f"{epochs} epochs per launch, epoch 1 (graph tracing) excluded; samples/s is the run "
         f"file's global `samples_per_second` of each epoch (Keras fit time, validation not "
         f"included), pooled over {reps} repetitions "
-        f"(n = {reps} x {epochs - 1} epochs). Each repetition runs the five launches in turn, "
+        f"(n = {reps} x {epochs - 1} epochs). Each repetition runs the seven launches in turn, "
         f"the order reversed every other repetition: `{commands}`, the 2-rank one again with "
         "`OMPI_MCA_mpi_yield_when_idle=0` (Open MPI's default, which hpcdl overrides for ranks "
-        "bound to one core), and the 1-rank one twice at once under `taskset -c 0` and "
-        "`taskset -c 1` (their samples/s summed). One core per rank: `intra_op_threads=1` caps "
-        "TensorFlow's intra- and inter-op pools, mpirun binds each of the 2 ranks to its own "
-        "core (its default for <= 2 ranks), and the 1-rank run, which without mpirun also "
-        "spreads tf.data threads over the second core, is pinned with taskset. The 2-rank "
+        "bound to one core), the 1-rank one twice at once under `taskset -c 0` and "
+        "`taskset -c 1` (their samples/s summed), and the 1- and 2-rank ones at batch 512 per "
+        "rank (4x the compute per gradient allreduce). One core per rank: "
+        "`intra_op_threads=1` caps TensorFlow's intra- and inter-op pools, mpirun binds each "
+        "of the 2 ranks to its own core (its default for <= 2 ranks), and the 1-rank run, "
+        "which without mpirun also spreads tf.data threads over the second core, is pinned "
+        "with taskset. The 2-rank "
         "launches serve both modes (2 x 128 = 256). Efficiency = samples/s(2) / "
         "(2 x samples/s(1)) of epoch j of the 2-core launch and epoch j of the 1-rank launch of "
         "the same repetition; the independent pair is the most any 2-rank run can reach on "
@@ -264,11 +270,11 @@ def allreduce(iterations: int, warmup: int) -> tuple[list[list[str]], str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true",
-                        help="2 repetitions of 3 epochs; 5 allreduce iterations per size")
+                        help="1 repetition of 3 epochs; 5 allreduce iterations per size")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args()
-    reps, epochs = (2, 3) if args.quick else (args.reps, args.epochs)
+    reps, epochs = (1, 3) if args.quick else (args.reps, args.epochs)
     iterations, warmup = (5, 2) if args.quick else (20, 5)
     fashion_mnist()
     scaling_table, scaling_notes = scaling(reps, epochs)

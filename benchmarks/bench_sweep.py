@@ -114,14 +114,14 @@ def plot(curves: dict[str, list[Curve]], budget: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="2 seeds, 3 trials of 3 epochs")
+    parser.add_argument("--quick", action="store_true", help="2 seeds, 3 trials of 2 epochs")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=16, help="random search's trials")
     parser.add_argument("--epochs", type=int, default=9, help="epochs of a full trial")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rerun", action="store_true", help="delete finished sweeps first")
     args = parser.parse_args()
-    seeds, trials, epochs = (2, 3, 3) if args.quick else (args.seeds, args.trials, args.epochs)
+    seeds, trials, epochs = (2, 3, 2) if args.quick else (args.seeds, args.trials, args.epochs)
     budget = trials * epochs
     if args.rerun:
         shutil.rmtree(WORK, ignore_errors=True)
