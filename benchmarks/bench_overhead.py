@@ -49,11 +49,11 @@ def baseline_epochs(ranks: int, epochs: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="2 repetitions of 3 epochs")
+    parser.add_argument("--quick", action="store_true", help="2 repetitions of 2 epochs")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
-    reps, epochs = (2, 3) if args.quick else (args.reps, args.epochs)
+    reps, epochs = (2, 2) if args.quick else (args.reps, args.epochs)
     fashion_mnist()
     table = [["ranks", "baseline", "hpcdl epoch s", "baseline epoch s", "ratio hpcdl/baseline"]]
     with tempfile.TemporaryDirectory() as tmp:
