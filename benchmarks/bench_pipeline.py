@@ -1,6 +1,7 @@
 """Benchmark 7: how much of the local demo sweep's time is spent outside training epochs
-(process start, TF import, Snakemake, storage, validation, checkpoints, report). Reads the
-Snakemake benchmark records (`benchmark:` TSVs) and the run files of a finished sweep."""
+(process start, TF import, Snakemake, storage, validation, checkpoints, report). Runs the sweep
+from scratch `--reps` times with Snakemake's local profile and reads, each time, the Snakemake
+benchmark records (`benchmark:` TSVs) and the run files the sweep wrote."""
 
 from __future__ import annotations
 
@@ -8,69 +9,85 @@ import argparse
 import csv
 import os
 import sys
+from pathlib import Path
 
-from common import REPO, append_results, run
+from common import REPO, append_results, run, summary
 
 sys.path.insert(0, str(REPO))
+COLUMNS = ("job", "fit", "in_run")  # job seconds, in Keras fit, from entering train to last epoch
+
+
+def split_times(sweep_dir: Path) -> dict[str, dict[str, float]]:
+    """Per Snakemake rule: job seconds, seconds in Keras fit, seconds inside training runs."""
+    from hpcdl import store
+
+    times: dict[str, dict[str, float]] = {}
+    for tsv in sorted((sweep_dir / "benchmarks").glob("*.tsv")):
+        with tsv.open() as handle:
+            row = next(csv.DictReader(handle, delimiter="\t"))
+        rule = times.setdefault(tsv.stem.split("-")[0], dict.fromkeys(COLUMNS, 0.0))
+        rule["job"] += float(row["s"])
+    run_files = [*(sweep_dir / "trials").glob("*.h5"), sweep_dir / "best" / "run.h5",
+                 *(sweep_dir / "scaling").glob("*.h5")]
+    for path in run_files:
+        record = store.read_run(path)
+        name = {"trials": "worker", "best": "final"}.get(path.parent.name, "scaling")
+        if name not in times:  # only runs of jobs Snakemake timed
+            continue
+        # rank 0's wall seconds: in Keras fit, and from entering `train` to the last epoch's end
+        times[name]["fit"] += sum(record.epochs.get("epoch_seconds", []))
+        times[name]["in_run"] += float(record.epochs.get("elapsed_seconds", [0.0])[-1])
+    times["all"] = {c: sum(rule[c] for rule in times.values()) for c in COLUMNS}
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--rerun", action="store_true", help="delete the sweep and run it again")
+    parser.add_argument("--reps", type=int, default=5, help="sweeps run from scratch")
     parser.add_argument("--quick", action="store_true",
-                        help="the smoke sweep (configs/smoke.yaml, a minute) instead of the demo")
+                        help="the smoke sweep (configs/smoke.yaml, a minute) once")
     args = parser.parse_args()
-    if args.quick:
-        args.config = "configs/smoke.yaml"
+    config_path, reps = ("configs/smoke.yaml", 1) if args.quick else (args.config, args.reps)
     os.chdir(REPO)  # the sweep's paths, and Snakemake's, are relative to the repository
-    from hpcdl import config, store
+    from hpcdl import config
 
-    cfg = config.load(REPO / args.config)
-    if args.rerun or not (cfg.sweep_dir / "report.html").exists():
+    cfg = config.load(REPO / config_path)
+    runs = []
+    for rep in range(reps):
+        print(f"bench_pipeline: sweep {rep + 1}/{reps} of {config_path}", flush=True)
         run(["rm", "-rf", str(cfg.sweep_dir)])
-        run(["snakemake", "--profile", "profiles/local", "--configfile", args.config])
-    job_seconds: dict[str, float] = {}
-    for tsv in sorted((cfg.sweep_dir / "benchmarks").glob("*.tsv")):
-        with tsv.open() as handle:
-            row = next(csv.DictReader(handle, delimiter="\t"))
-        rule = tsv.stem.split("-")[0]
-        job_seconds[rule] = job_seconds.get(rule, 0.0) + float(row["s"])
-    run_files = [*(cfg.sweep_dir / "trials").glob("*.h5"), cfg.sweep_dir / "best" / "run.h5",
-                 *(cfg.sweep_dir / "scaling").glob("*.h5")]
-    fit_seconds = {"worker": 0.0, "final": 0.0, "scaling": 0.0}
-    run_seconds = dict(fit_seconds)
-    for path in run_files:
-        record = store.read_run(path)
-        rule = "worker" if path.parent.name == "trials" else (
-            "final" if path.parent.name == "best" else "scaling")
-        # rank 0's wall seconds: in Keras fit, and from entering `train` to the last epoch's end
-        fit_seconds[rule] += sum(record.epochs.get("epoch_seconds", []))
-        run_seconds[rule] += float(record.epochs.get("elapsed_seconds", [0.0])[-1])
+        run(["snakemake", "--profile", "profiles/local", "--configfile", config_path])
+        runs.append(split_times(cfg.sweep_dir))
+
+    def cell(rule: str, value: str) -> str:
+        """Median [min-max] over the sweeps of one quantity of one rule."""
+        values = []
+        for times in runs:
+            t = times[rule]
+            values.append({"job": t["job"], "fit": t["fit"], "in_run": t["in_run"] - t["fit"],
+                           "outside_runs": t["job"] - t["in_run"],
+                           "outside": (1 - t["fit"] / t["job"]) * 100 if t["job"] else 0.0}[value])
+        return summary(values)
+
     table = [["rule", "job seconds", "in training epochs (Keras fit)",
               "in runs, outside fit (shard read, model build, validation, checkpoints, reports)",
               "outside runs (process start, imports, MPI init, storage, teardown)",
-              "outside epochs"]]
-    totals = [0.0, 0.0, 0.0]
-    for rule, seconds in sorted(job_seconds.items(), key=lambda kv: -kv[1]):
-        fit, in_run = fit_seconds.get(rule, 0.0), run_seconds.get(rule, 0.0)
-        totals = [totals[0] + seconds, totals[1] + fit, totals[2] + in_run]
-        table.append([rule, f"{seconds:.1f}", f"{fit:.1f}", f"{in_run - fit:.1f}",
-                      f"{seconds - in_run:.1f}",
-                      f"{(1 - fit / seconds) * 100:.0f} %" if seconds else "-"])
-    # only runs of jobs Snakemake timed (a scaling run made by hand has no job record)
-    total_job, total_fit, total_run = totals
-    table.append(["all", f"{total_job:.1f}", f"{total_fit:.1f}", f"{total_run - total_fit:.1f}",
-                  f"{total_job - total_run:.1f}", f"{(1 - total_fit / total_job) * 100:.0f} %"])
+              "outside epochs %"]]
+    rules = sorted(runs[0], key=lambda rule: (rule == "all", -runs[0][rule]["job"]))
+    for rule in rules:
+        table.append([rule, *(cell(rule, value) for value in
+                              ("job", "fit", "in_run", "outside_runs", "outside"))])
     append_results(
         "7. Pipeline overhead of the local demo sweep",
         table,
-        f"`{args.config}`. Job seconds: Snakemake's `benchmark:` record of each job (summed "
-        "over the workers, which run concurrently). In training epochs: the `epoch_seconds` "
-        "(Keras fit time, graph tracing of each run's first epoch included) of every run file "
-        "the jobs wrote. In runs: each run file's last `elapsed_seconds` (rank 0's wall time "
-        "from entering `hpcdl.train.train` to the last epoch's end), minus fit time. Outside "
-        "runs: the job's remainder. Goal: outside epochs < 15 %.")
+        f"`{config_path}` run from scratch {reps} times (`snakemake --profile profiles/local`). "
+        "Job seconds: Snakemake's `benchmark:` record of each job (summed over the workers, "
+        "which run concurrently). In training epochs: the `epoch_seconds` (Keras fit time, "
+        "graph tracing of each run's first epoch included) of every run file the jobs wrote. In "
+        "runs: each run file's last `elapsed_seconds` (rank 0's wall time from entering "
+        "`hpcdl.train.train` to the last epoch's end), minus fit time. Outside runs: the job's "
+        "remainder. Goal: outside epochs < 15 %.")
 
 
 if __name__ == "__main__":

@@ -270,11 +270,11 @@ def allreduce(iterations: int, warmup: int) -> tuple[list[list[str]], str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true",
-                        help="1 repetition of 3 epochs; 5 allreduce iterations per size")
+                        help="1 repetition of 2 epochs; 5 allreduce iterations per size")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args()
-    reps, epochs = (1, 3) if args.quick else (args.reps, args.epochs)
+    reps, epochs = (1, 2) if args.quick else (args.reps, args.epochs)
     iterations, warmup = (5, 2) if args.quick else (20, 5)
     fashion_mnist()
     scaling_table, scaling_notes = scaling(reps, epochs)
