@@ -89,7 +89,7 @@ class Ranks:
 def quiet_idle_waits(env: MutableMapping[str, str], cores: int) -> None:
     """A rank bound to one core must not spin while it waits for messages: Open MPI busy-polls
     by default, and on the rank's only core that takes turns away from TensorFlow and from
-    Horovod's background thread (measured: weak-scaling efficiency 0.53 -> 0.72 at 2 ranks,
+    Horovod's background thread (measured: weak-scaling efficiency 0.52 -> 0.65 at 2 ranks,
     benchmarks/RESULTS.md). Open MPI reads this when MPI starts; a user's own setting wins."""
     if cores == 1:
         env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
