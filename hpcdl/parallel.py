@@ -86,12 +86,14 @@ class Ranks:
         return self.rank == 0
 
 
-def quiet_idle_waits(env: MutableMapping[str, str], cores: int) -> None:
-    """A rank bound to one core must not spin while it waits for messages: Open MPI busy-polls
-    by default, and on the rank's only core that takes turns away from TensorFlow and from
-    Horovod's background thread (measured: weak-scaling efficiency 0.52 -> 0.65 at 2 ranks,
-    benchmarks/RESULTS.md). Open MPI reads this when MPI starts; a user's own setting wins."""
-    if cores == 1:
+def quiet_idle_waits(env: MutableMapping[str, str], cores: int, local_ranks: int) -> None:
+    """A rank with at most one core of its own must not spin while it waits for messages: Open
+    MPI busy-polls by default, and on the rank's only core that takes turns away from TensorFlow
+    and from Horovod's background thread (measured: weak-scaling efficiency 0.52 -> 0.65 at 2
+    ranks, benchmarks/RESULTS.md). `cores` is what the rank may run on: one when the launcher
+    bound it, the whole node when it did not (then the node's ranks share them). Open MPI reads
+    this when MPI starts; a user's own setting wins."""
+    if cores <= local_ranks:
         env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
 
 
@@ -110,7 +112,7 @@ def init(threads_per_rank: int = 0) -> Ranks:
         return _ranks
     launch = detect_launch()
     if launch.size > 1:
-        quiet_idle_waits(os.environ, len(os.sched_getaffinity(0)))
+        quiet_idle_waits(os.environ, len(os.sched_getaffinity(0)), launch.local_size)
     if threads_per_rank:
         import tensorflow as tf
 

@@ -62,11 +62,18 @@ def test_scaled_learning_rate(rule: str, expected: float) -> None:
 
 
 @pytest.mark.parametrize(
-    ("cores", "env", "expected"),
-    [(1, {}, "1"), (1, {"OMPI_MCA_mpi_yield_when_idle": "0"}, "0"), (2, {}, None)],
+    ("cores", "local_ranks", "env", "expected"),
+    [
+        (1, 2, {}, "1"),  # bound to one core
+        (2, 2, {}, "1"),  # unbound, 2 ranks share the node's 2 cores
+        (1, 2, {"OMPI_MCA_mpi_yield_when_idle": "0"}, "0"),  # the user's setting wins
+        (8, 4, {}, None),  # several cores per rank: busy-polling is cheap there
+    ],
 )
-def test_quiet_idle_waits_only_on_one_core(cores: int, env: dict, expected: str | None) -> None:
-    parallel.quiet_idle_waits(env, cores)
+def test_quiet_idle_waits_only_with_a_core_per_rank(
+    cores: int, local_ranks: int, env: dict, expected: str | None
+) -> None:
+    parallel.quiet_idle_waits(env, cores, local_ranks)
     assert env.get("OMPI_MCA_mpi_yield_when_idle") == expected
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,20 @@ from conftest import REPO, hpcdl_env
 from hpcdl import config, store
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
+
+
+def test_local_profile_does_not_pin_concurrent_jobs_to_the_same_core() -> None:
+    """Each MPI job of the local profile may use every core: Snakemake runs jobs side by side,
+    and mpirun's default binding would put every 1-rank job on core 0."""
+    profile = yaml.safe_load((REPO / "profiles" / "local" / "config.yaml").read_text())
+    launcher = next(r.split("=", 1)[1].strip('"') for r in profile["default-resources"]
+                    if r.startswith("mpi="))
+    code = "import os; print(sorted(os.sched_getaffinity(0)))"
+    jobs = [subprocess.Popen([*launcher.split(), "-n", "1", sys.executable, "-c", code],
+                             env=hpcdl_env(), stdout=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    cores = [job.communicate(timeout=120)[0].strip() for job in jobs]
+    assert cores == [str(sorted(os.sched_getaffinity(0)))] * 2
 
 
 def test_local_profile_runs_the_whole_sweep(results: Path) -> None:
