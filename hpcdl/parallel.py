@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import sys
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -97,6 +98,29 @@ def quiet_idle_waits(env: MutableMapping[str, str], cores: int, local_ranks: int
         env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
 
 
+def horovod_keras() -> Any:
+    """`horovod.tensorflow.keras`, imported with tf-keras standing in for `keras`.
+
+    Horovod 0.28 does `from keras import backend`, which under TensorFlow >= 2.16 loads Keras 3:
+    1-2.6 s more start-up in every rank of every job (measured), and the backend of models
+    hpcdl never builds. Its callbacks (broadcast, warm-up) act on our tf-keras models, so
+    tf-keras's backend is the one they should use; Keras 3 is never loaded.
+    """
+    if "horovod.tensorflow.keras" not in sys.modules:
+        import tf_keras
+
+        keras = sys.modules.get("keras")
+        sys.modules["keras"] = tf_keras
+        try:
+            import horovod.tensorflow.keras  # noqa: F401
+        finally:
+            if keras is None:
+                del sys.modules["keras"]
+            else:
+                sys.modules["keras"] = keras
+    return sys.modules["horovod.tensorflow.keras"]
+
+
 _ranks: Ranks | None = None
 _control_comm: Any = None  # a private MPI communicator for cheap Python-level agreement
 
@@ -118,7 +142,7 @@ def init(threads_per_rank: int = 0) -> Ranks:
 
         tf.config.threading.set_intra_op_parallelism_threads(threads_per_rank)
         tf.config.threading.set_inter_op_parallelism_threads(threads_per_rank)
-    import horovod.tensorflow.keras as hvd
+    hvd = horovod_keras()
     from mpi4py import MPI  # must initialise MPI before Horovod does (stack.md)
 
     hvd.init(comm=MPI.COMM_WORLD)
@@ -194,16 +218,14 @@ def distributed_optimizer(optimizer: Any) -> Any:
     """
     if init().size == 1:
         return optimizer
-    import horovod.tensorflow.keras as hvd
-
-    return hvd.DistributedOptimizer(optimizer)
+    return horovod_keras().DistributedOptimizer(optimizer)
 
 
 def sync_callbacks(initial_lr: float, warmup_epochs: float, steps_per_epoch: int,
                    size: int) -> tuple[list[Any], list[Any]]:
     """Keras callbacks (broadcast, warm-up): rank 0's initial weights to every rank (not
     needed alone), and the learning rate ramped up over the warm-up epochs."""
-    import horovod.tensorflow.keras as hvd
+    hvd = horovod_keras()
 
     broadcast = [hvd.callbacks.BroadcastGlobalVariablesCallback(0)] if size > 1 else []
     warmup = [hvd.callbacks.LearningRateWarmupCallback(

@@ -105,7 +105,11 @@ def test_single_process_is_one_rank() -> None:
 
     from conftest import hpcdl_env
 
-    code = "from hpcdl import parallel; r = parallel.init(); print(r.rank, r.size, r.launcher)"
+    # Horovod's Keras helpers get tf-keras's backend, and Keras 3 is never loaded
+    code = ("import sys, tf_keras; from hpcdl import parallel; r = parallel.init()\n"
+            "hvd = parallel.horovod_keras()\n"
+            "assert hvd.callbacks.K is tf_keras.backend and 'keras' not in sys.modules\n"
+            "print(r.rank, r.size, r.launcher)")
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
