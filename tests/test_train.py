@@ -31,7 +31,7 @@ def train_args(results: Path, out: Path, *overrides: str) -> list[str]:
 @pytest.mark.mpi
 def test_two_ranks_average_gradients(results: Path) -> None:
     out = results / "two.h5"
-    result = run_mpi(2, "hpcdl", *train_args(results, out))
+    result = run_mpi(2, "hpcdl", *train_args(results, out, "warmup_epochs=2"))
     assert result.returncode == 0, result.stderr[-3000:]
     run = store.read_run(out)
     assert run.attrs["ranks"] == 2 and run.attrs["stop_reason"] == "completed"
@@ -44,6 +44,10 @@ def test_two_ranks_average_gradients(results: Path) -> None:
     assert run.attrs["steps_per_epoch"] == n_train // (32 * 2)
     assert run.n_epochs == 4 and run.epochs["val_accuracy"][-1] > 0.9
     assert 0.9 < run.test["accuracy"] <= 1.0
+    # Horovod's warm-up ramps the learning rate up to the linearly scaled one, then holds it
+    base = run.attrs["params"]["learning_rate"]
+    lr = run.epochs["learning_rate"]
+    assert lr[0] < lr[1] and lr[1:] == pytest.approx([2 * base] * 3)
     # every log line of a rank names the rank; only rank 0 reports epochs
     epoch_lines = [ln for ln in result.stderr.splitlines() if "hpcdl.train: epoch" in ln]
     assert len(epoch_lines) == 4 and all("[rank 0/2@" in ln for ln in epoch_lines)
