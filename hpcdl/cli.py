@@ -122,9 +122,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from hpcdl import config, study
+    from hpcdl import config, data, study
 
     cfg = config.load(args.config, args.set)
+    # a missing or foreign dataset is one error here, not every trial of the study failing
+    data.dataset_info(cfg.dataset_file)
     outcome = study.Worker(cfg, args.worker_id).run()
     return EXIT_INTERRUPTED if outcome == "interrupted" else 0
 

@@ -254,6 +254,16 @@ def test_unopenable_storage_is_one_clear_error_on_every_rank(results: Path) -> N
     assert "Connection refused" in log and "Traceback" not in log
 
 
+def test_missing_dataset_is_one_error_before_any_trial(results: Path) -> None:
+    cfg = write_sweep_config(results)
+    (results / "data" / "digits.h5").unlink()
+    worker = start_worker(cfg, 0, log=results / "w.log")
+    assert worker.wait(timeout=120) == 2
+    log = (results / "w.log").read_text()
+    assert "digits.h5: dataset file does not exist (run `hpcdl prepare`)" in log
+    assert "Traceback" not in log and not (results / "sweep" / "study.journal").exists()
+
+
 def test_diverging_trial_fails_and_the_worker_goes_on(results: Path) -> None:
     cfg = write_sweep_config(
         results, search={"n_trials": 2, "sampler": "random", "pruner": "none",
