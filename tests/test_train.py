@@ -153,3 +153,17 @@ def test_early_stopping_on_val_loss(results: Path) -> None:
     best = losses.index(min(losses))
     assert len(losses) - 1 - best == 2  # stopped after exactly `patience` epochs without gain
     assert run.test  # an early-stopped run is still tested
+
+
+def test_training_batches_leave_no_autotuner_to_outlive_fit() -> None:
+    """tf.data's autotuner thread can sleep through the iterator's cancel (up to 60 s per
+    trial in the demo sweep), so the training batches are built without it."""
+    import numpy as np
+
+    from hpcdl.train import ShardBatches
+
+    batches = ShardBatches(np.zeros((10, 4), np.uint8), np.arange(10), 3, seed=0, rank=0)
+    dataset = batches.epochs(0, 2)
+    assert dataset.options().autotune.enabled is False
+    labels = [y.numpy() for _, y in dataset]
+    assert len(labels) == 2 * batches.steps and all(len(set(b)) == 3 for b in labels)
