@@ -39,6 +39,9 @@ INTERRUPTED = "interrupted"
 FAILED_NON_FINITE = "failed: non-finite loss"
 RUNNING = "running"
 STOP_CHECK_BATCHES = 50
+PROGRESS_SECONDS = 1.0  # how often rank 0's progress bar reads the metrics and redraws
+BAR_FORMAT = ("{desc} {percentage:3.0f}% {n_fmt}/{total_fmt} "
+              "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
 
 # A callback run on every rank after each epoch with the rank-averaged metrics; True = prune.
 # It must return the same answer on every rank (study.py broadcasts rank 0's decision).
@@ -109,6 +112,44 @@ def _make_stop_callback(stop: StopRequest) -> Any:
                 self.model.stop_training = True
 
     return AgreeOnStop()
+
+
+def _make_progress_callback(where: str, epochs: int, steps: int) -> Any:
+    """Rank 0's progress bar, reading the metrics once a second. Keras' own bar (verbose=1)
+    copies them to NumPy after every batch, a sync per step; and under mpirun every rank's
+    stdout is a pseudo-terminal, so that bar also ran in every batch job's log."""
+    from tensorflow import keras
+    from tqdm import tqdm
+
+    class EpochProgress(keras.callbacks.Callback):
+        """One bar per epoch, named after the rank; the epoch's log line stays, the bar not."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._supports_tf_logs = True  # logs stay tensors; read only when redrawn
+            self.bar: Any = None
+            self.drawn = 0.0
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            # mpirun's pseudo-terminal reports a 0 x 0 screen, on which tqdm draws nothing
+            columns, lines = shutil.get_terminal_size(fallback=(120, 24))
+            self.bar = tqdm(total=steps, desc=f"[{where}] epoch {epoch + 1}/{epochs}",
+                            unit="step", leave=False, mininterval=PROGRESS_SECONDS,
+                            file=sys.stdout, ncols=columns, nrows=lines, bar_format=BAR_FORMAT)
+            self.drawn = time.monotonic()
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            now = time.monotonic()
+            if now - self.drawn >= PROGRESS_SECONDS:
+                self.drawn = now
+                metrics = {k: f"{float(v):.4f}" for k, v in (logs or {}).items()}
+                self.bar.set_postfix(metrics, refresh=False)
+                self.bar.update(batch + 1 - self.bar.n)
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            self.bar.close()
+
+    return EpochProgress()
 
 
 def _make_epoch_callback(end_of_epoch: Callable[[int, Mapping[str, float], float], str | None]
@@ -407,7 +448,7 @@ def train(
     stop_callback = _make_stop_callback(stop)
     broadcast, warmup = parallel.sync_callbacks(
         learning_rate, params["warmup_epochs"], train_batches.steps, ranks.size)
-    verbose = (1 if sys.stdout.isatty() else 0) if ranks.is_root else 0
+    show_progress = ranks.is_root and sys.stdout.isatty()
     reason = COMPLETED
     # early-stopping state continues across a resume: it is derived from the history
     val_losses = history.get("val_loss", [])
@@ -469,6 +510,8 @@ def train(
         return None
 
     epoch_callback = _make_epoch_callback(end_of_epoch)
+    progress = ([_make_progress_callback(f"rank {ranks.rank}/{ranks.size}", params["epochs"],
+                                         train_batches.steps)] if show_progress else [])
     if start_epoch < params["epochs"]:
         with stop.installed():
             # One fit() over all epochs: a fit() per epoch cost ~0.85 s of set-up per epoch at
@@ -478,8 +521,8 @@ def train(
                 epochs=params["epochs"],
                 initial_epoch=start_epoch,
                 steps_per_epoch=train_batches.steps,
-                verbose=verbose,
-                callbacks=[stop_callback, *broadcast, *warmup, epoch_callback],
+                verbose=0,
+                callbacks=[stop_callback, *broadcast, *warmup, *progress, epoch_callback],
             )
         reason = epoch_callback.reason or COMPLETED
 

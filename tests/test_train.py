@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import subprocess
 import time
@@ -13,7 +14,7 @@ import h5py
 import pytest
 
 from conftest import hpcdl_env, run_hpcdl, run_mpi
-from hpcdl import data, store
+from hpcdl import data, store, train
 from hpcdl.config import EPOCH_METRICS
 
 pytestmark = [pytest.mark.slow]
@@ -51,6 +52,13 @@ def test_two_ranks_average_gradients(results: Path) -> None:
     # every log line of a rank names the rank; only rank 0 reports epochs
     epoch_lines = [ln for ln in result.stderr.splitlines() if "hpcdl.train: epoch" in ln]
     assert len(epoch_lines) == 4 and all("[rank 0/2@" in ln for ln in epoch_lines)
+    # mpirun gives every rank a pseudo-terminal for stdout: rank 0 alone draws a progress bar,
+    # hpcdl's own, redrawn at most once a second (Keras' bar synced the metrics every batch)
+    assert "step - loss:" not in result.stdout
+    drawn = re.findall(r"\[rank (\d)/2\] epoch (\d)/4", result.stdout)
+    assert {rank for rank, _ in drawn} == {"0"} and {e for _, e in drawn} == {"1", "2", "3", "4"}
+    for epoch, seconds in enumerate(run.epochs["epoch_seconds"], 1):
+        assert drawn.count(("0", str(epoch))) <= 2 + seconds / train.PROGRESS_SECONDS
     header = subprocess.run(["h5dump", "-H", str(out)], capture_output=True, text=True, check=True)
     assert 'DATASET "val_accuracy"' in header.stdout
 
