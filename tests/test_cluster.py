@@ -4,6 +4,7 @@ the dry run with the cluster down, and bad input refused before any job is submi
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -50,8 +51,9 @@ def slurm_profile(*configfiles: Path) -> list[str]:
 
 
 def test_dry_run_with_the_cluster_down(tmp_path: Path) -> None:
-    down = subprocess.run(["sinfo"], capture_output=True, text=True, check=False)
-    assert down.returncode != 0  # this module starts the cluster only after this test
+    # this module installs and starts the cluster only after this test
+    if shutil.which("sinfo"):
+        assert subprocess.run(["sinfo"], capture_output=True, check=False).returncode != 0
     result = snakemake("-n", *slurm_profile(layer_file(tmp_path)))
     assert result.returncode == 0, result.stdout[-3000:]
     for line in ("sweep_config        1", "prepare             1", "worker              2",

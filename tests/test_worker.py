@@ -3,6 +3,7 @@ kill -9 and SIGTERM, prune in step, on journal, SQLite, gRPC-proxy and PostgreSQ
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -66,6 +67,29 @@ def wait_for(predicate, timeout: float = 300, what: str = "") -> None:  # type: 
         time.sleep(0.05)
 
 
+def kill_job(job: subprocess.Popen[str]) -> None:
+    """SIGKILL mpirun and all its ranks at once, like a lost node. Open MPI gives every rank a
+    process group of its own, so killing mpirun's group left the ranks running on for a while
+    (long enough to finish a trial and start the next)."""
+
+    def alive_in_session() -> list[int]:
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the process is gone
+                continue
+            if int(fields[3]) == job.pid and fields[0] != "Z":  # session, state
+                pids.append(int(stat.parent.name))
+        return pids
+
+    for pid in alive_in_session():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    job.wait()
+    wait_for(lambda: not alive_in_session(), timeout=30, what="the killed job's ranks to exit")
+
+
 def first_checkpoint(results: Path, name: str) -> Path | None:
     found = sorted((results / name / "trials").glob("*.h5.ckpt/epoch-*"))
     return found[0] if found else None
@@ -85,8 +109,7 @@ def test_kill_9_then_a_new_worker_recovers(results: Path) -> None:
     cfg = write_sweep_config(results, search={"n_trials": 3}, train={"batch_size": 8})
     victim = start_worker(cfg, 0, log=results / "victim.log")
     wait_for(lambda: first_checkpoint(results, "sweep") is not None, what="a checkpoint")
-    os.killpg(victim.pid, signal.SIGKILL)  # the whole job dies at once, like a lost node
-    victim.wait()
+    kill_job(victim)
     _, s = load(cfg)
     running = [t for t in s.get_trials() if t.state == TrialState.RUNNING]
     assert len(running) == 1
@@ -234,8 +257,7 @@ def test_rdb_kill_9_uses_optuna_heartbeat_and_retry(results: Path) -> None:
         "n_trials": 2, "heartbeat_s": 1, "stale_after_s": 3}, train={"batch_size": 8})
     victim = start_worker(cfg, 0)
     wait_for(lambda: first_checkpoint(results, "sweep") is not None, what="a checkpoint")
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
+    kill_job(victim)
     time.sleep(4)  # past the grace period: Optuna's heartbeat now calls the trial stale
     rescuer = start_worker(cfg, 1, log=results / "rescuer.log")
     assert rescuer.wait(timeout=600) == 0, (results / "rescuer.log").read_text()[-3000:]
