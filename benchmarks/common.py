@@ -14,6 +14,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
+SCRIPT = Path(sys.argv[0]).resolve()  # now: a script may chdir before it records its command
 FASHION_MNIST = REPO / "results" / "data" / "fashion_mnist.h5"
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "PYTHONPATH": str(REPO)}
@@ -80,8 +81,7 @@ def summary(values: Sequence[float]) -> str:
 def invocation() -> str:
     """The command line this script was started with, as typed from the repository root: the
     record must name every option that shaped the figures."""
-    script = Path(sys.argv[0]).resolve()
-    return shlex.join(["python", str(script.relative_to(REPO)), *sys.argv[1:]])
+    return shlex.join(["python", str(SCRIPT.relative_to(REPO)), *sys.argv[1:]])
 
 
 def append_results(title: str, table: list[list[str]], notes: str) -> None:
