@@ -86,7 +86,7 @@ def read_curve(config_path: Path, budget: int) -> Curve:
     return curve
 
 
-def plot(curves: dict[str, list[Curve]], budget: int) -> None:
+def plot(curves: dict[str, list[Curve]], budget: int, figure: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,7 +109,7 @@ def plot(curves: dict[str, list[Curve]], budget: int) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(FIGURE, dpi=110)
+    fig.savefig(figure, dpi=110)
 
 
 def main() -> None:
@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--rerun", action="store_true", help="delete finished sweeps first")
     args = parser.parse_args()
     seeds, trials, epochs = (2, 3, 2) if args.quick else (args.seeds, args.trials, args.epochs)
+    # a quick run's figure must not replace the full run's, which RESULTS.md's findings show
+    figure = FIGURE.with_name("sweep_efficiency-quick.png") if args.quick else FIGURE
     budget = trials * epochs
     if args.rerun:
         shutil.rmtree(WORK, ignore_errors=True)
@@ -134,7 +136,7 @@ def main() -> None:
             path = sweep_config(method, seed, n, epochs)
             run_workers(path, args.workers)
             curves[method].append(read_curve(path, budget))
-    plot(curves, budget)
+    plot(curves, budget, figure)
 
     table = [["seed", "random: trials, best", "TPE+HB: trials, best",
               "TPE+HB epochs to random's best", "fraction of budget"]]
@@ -161,7 +163,7 @@ def main() -> None:
         f"{budget} epochs; TPE (multivariate) + Hyperband (min 1, max {epochs} epochs, "
         f"reduction 3) may run up to {2 * trials} trials within the same {budget} epochs. "
         f"{args.workers} concurrent workers (1 rank, 1 thread) per study. Only complete trials "
-        f"count towards the best. Figure: [sweep_efficiency.png](sweep_efficiency.png). "
+        f"count towards the best. Figure: [{figure.name}]({figure.name}). "
         f"Goal (TPE+HB reaches random's final best with <= 50 % of the epochs): {verdict}, "
         f"median fraction {median:.2f}.".replace("inf", "> 1 (not reached)"))
 
