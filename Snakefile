@@ -20,11 +20,12 @@ import hpcdl.config
 # input stops here, before any job is submitted.
 validate(config, "configs/schema.yaml")
 APPTAINER = "APPTAINER" in str(workflow.deployment_settings.deployment_method).upper()
-hpcdl.config.Config(config, origin="--configfile").check_container(apptainer=APPTAINER)
+SWEEP_CONFIG = hpcdl.config.Config(config, origin="--configfile")
+SWEEP_CONFIG.check_container(apptainer=APPTAINER)
 
-RESULTS = config["results_dir"]
-SWEEP = f"{RESULTS}/{config['name']}"
-DATASET = f"{RESULTS}/data/{config['dataset']['name']}.h5"
+# every file of the sweep, from the one owner of the layout
+PATHS = SWEEP_CONFIG.paths
+DATASET = str(PATHS.dataset_file)
 RES = config["resources"]
 WORKERS = range(RES["workers"])
 # Apptainer image: used when Snakemake runs with --software-deployment-method apptainer.
@@ -51,9 +52,9 @@ MPI_JOB = dict(
 
 rule all:
     input:
-        f"{SWEEP}/report.html",
-        f"{SWEEP}/best/model.keras",
-        f"{SWEEP}/scaling.h5",
+        str(PATHS.report_html),
+        str(PATHS.best_model),
+        str(PATHS.scaling_h5),
     default_target: True
 
 
@@ -61,11 +62,11 @@ rule sweep_config:
     """The validated config (defaults filled, --config overrides applied) that every
     hpcdl command of this sweep reads."""
     output:
-        f"{SWEEP}/config.yaml",
+        str(PATHS.config_file),
     params:
         text=yaml.safe_dump(config, sort_keys=False),
     log:
-        f"{SWEEP}/logs/sweep_config.log",
+        str(PATHS.log("sweep_config")),
     localrule: True
     container:
         CONTAINER
@@ -83,9 +84,9 @@ rule prepare:
     params:
         dataset=config["dataset"],
     log:
-        f"{SWEEP}/logs/prepare.log",
+        str(PATHS.log("prepare")),
     benchmark:
-        f"{SWEEP}/benchmarks/prepare.tsv"
+        str(PATHS.benchmark("prepare"))
     resources:
         **SITE,
     container:
@@ -101,13 +102,13 @@ rule worker:
         config=rules.sweep_config.output,
         data=DATASET,
     output:
-        touch(f"{SWEEP}/workers/{{worker}}.done"),
+        touch(str(PATHS.worker_done("{worker}"))),
     wildcard_constraints:
         worker=r"\d+",
     log:
-        f"{SWEEP}/logs/worker-{{worker}}.log",
+        str(PATHS.log("worker-{worker}")),
     benchmark:
-        f"{SWEEP}/benchmarks/worker-{{worker}}.tsv"
+        str(PATHS.benchmark("worker-{worker}"))
     threads: MPI_JOB["tasks"] * RES["cpus_per_task"]
     resources:
         **MPI_JOB,
@@ -123,15 +124,15 @@ rule worker:
 rule aggregate:
     input:
         config=rules.sweep_config.output,
-        workers=expand(f"{SWEEP}/workers/{{worker}}.done", worker=WORKERS),
+        workers=[str(PATHS.worker_done(w)) for w in WORKERS],
     output:
-        h5=f"{SWEEP}/summary.h5",
-        csv=report(f"{SWEEP}/summary.csv", caption="configs/report/summary.rst",
+        h5=str(PATHS.summary_h5),
+        csv=report(str(PATHS.summary_csv), caption="configs/report/summary.rst",
                    category="Summary"),
     log:
-        f"{SWEEP}/logs/aggregate.log",
+        str(PATHS.log("aggregate")),
     benchmark:
-        f"{SWEEP}/benchmarks/aggregate.tsv"
+        str(PATHS.benchmark("aggregate"))
     resources:
         **SITE,
     container:
@@ -145,14 +146,14 @@ rule final:
     input:
         config=rules.sweep_config.output,
         data=DATASET,
-        workers=expand(f"{SWEEP}/workers/{{worker}}.done", worker=WORKERS),
+        workers=[str(PATHS.worker_done(w)) for w in WORKERS],
     output:
-        model=f"{SWEEP}/best/model.keras",
-        run=f"{SWEEP}/best/run.h5",
+        model=str(PATHS.best_model),
+        run=str(PATHS.best_run),
     log:
-        f"{SWEEP}/logs/final.log",
+        str(PATHS.log("final")),
     benchmark:
-        f"{SWEEP}/benchmarks/final.tsv"
+        str(PATHS.benchmark("final"))
     threads: MPI_JOB["tasks"] * RES["cpus_per_task"]
     resources:
         **MPI_JOB,
@@ -170,13 +171,13 @@ rule scaling:
     input:
         config=rules.sweep_config.output,
         data=DATASET,
-        workers=expand(f"{SWEEP}/workers/{{worker}}.done", worker=WORKERS),
+        workers=[str(PATHS.worker_done(w)) for w in WORKERS],
     output:
-        f"{SWEEP}/scaling.h5",
+        str(PATHS.scaling_h5),
     log:
-        f"{SWEEP}/logs/scaling.log",
+        str(PATHS.log("scaling")),
     benchmark:
-        f"{SWEEP}/benchmarks/scaling.tsv"
+        str(PATHS.benchmark("scaling"))
     threads: max(RES["scaling_ranks"]) * RES["cpus_per_task"]
     resources:
         **{**MPI_JOB, "tasks": max(RES["scaling_ranks"]),
@@ -197,14 +198,14 @@ rule report:
         final=rules.final.output.run,
         scaling=rules.scaling.output,
     output:
-        html=report(f"{SWEEP}/report.html", caption="configs/report/report.rst",
+        html=report(str(PATHS.report_html), caption="configs/report/report.rst",
                     category="Report"),
-        figures=report(directory(f"{SWEEP}/figures"), patterns=["{name}.png"],
+        figures=report(directory(str(PATHS.figures_dir)), patterns=["{name}.png"],
                        caption="configs/report/figure.rst", category="Figures"),
     log:
-        f"{SWEEP}/logs/report.log",
+        str(PATHS.log("report")),
     benchmark:
-        f"{SWEEP}/benchmarks/report.tsv"
+        str(PATHS.benchmark("report"))
     resources:
         **SITE,
     container:

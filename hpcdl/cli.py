@@ -14,14 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from hpcdl import __version__, logs
-from hpcdl.errors import UserError
+from hpcdl.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 log = logging.getLogger("hpcdl")
-
-EXIT_USER_ERROR = 2
-EXIT_FAILED = 1
-# "temporary failure, try again": a run stopped by SIGTERM/SIGUSR1 with its checkpoint kept.
-EXIT_INTERRUPTED = 75
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -111,7 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hpcdl import config, train
 
     cfg = config.load(args.config, args.set)
-    out = Path(args.out) if args.out else cfg.results_dir / "runs" / f"{cfg.name}.h5"
+    out = Path(args.out) if args.out else cfg.paths.run_file(cfg.name)
     result = train.train(cfg, out)
     if result.stop_reason == train.INTERRUPTED:
         return EXIT_INTERRUPTED
@@ -183,12 +178,11 @@ def cmd_final(args: argparse.Namespace) -> int:
         parallel.on_root(lambda: study.best_trial(cfg), "final.best"), "final.params")
     number, params = best
     seed = study.trial_seed(cfg.section("search")["seed"], number)
-    folder = cfg.sweep_dir / "best"
     if ranks.is_root:
         log.info("retraining trial %d's params on train+val: %s", number, params)
-    result = train.train(cfg.with_params({**params, "seed": seed}), folder / "run.h5",
+    result = train.train(cfg.with_params({**params, "seed": seed}), cfg.paths.best_run,
                          run_attrs={"study": cfg.name, "best_trial": number},
-                         fit_on_val=True, save_model=folder / "model.keras")
+                         fit_on_val=True, save_model=cfg.paths.best_model)
     return EXIT_INTERRUPTED if result.stop_reason == train.INTERRUPTED else 0
 
 
@@ -198,8 +192,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.set)
     container = cfg.section("resources")["container"] if args.apptainer else None
     if args.dry_run:
-        for script in submit.render(cfg, cfg.sweep_dir / "config.yaml", container):
-            print(f"# ---- {cfg.sweep_dir / 'slurm' / script.name}.sbatch\n{script.text}")
+        for script in submit.render(cfg, cfg.paths.config_file, container):
+            print(f"# ---- {cfg.paths.sbatch_script(script.name)}\n{script.text}")
         return 0
     for job, job_id in submit.submit(cfg, container).items():
         print(f"{job}: {job_id}")

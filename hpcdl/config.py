@@ -10,6 +10,7 @@ import contextlib
 import copy
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -212,25 +213,125 @@ class Config:
             raise ConfigError(f"{self.origin}: resources.container: {image} does not exist "
                               "(build it with: apptainer build hpcdl.sif containers/hpcdl.def)")
 
-    # ------------------------------------------------------------ paths (DESIGN.md)
     @property
     def storage_url(self) -> str:
         return self._doc["storage"]
 
     @property
+    def paths(self) -> SweepPaths:
+        """Every file and folder this sweep reads or writes (DESIGN.md, "Paths")."""
+        return SweepPaths(Path(self._doc["results_dir"]), self.name, self._doc["dataset"]["name"])
+
+    # the three paths nearly every caller needs, kept short
+    @property
     def results_dir(self) -> Path:
-        return Path(self._doc["results_dir"])
+        return self.paths.results_dir
 
     @property
     def dataset_file(self) -> Path:
-        return self.results_dir / "data" / f"{self._doc['dataset']['name']}.h5"
+        return self.paths.dataset_file
+
+    @property
+    def sweep_dir(self) -> Path:
+        return self.paths.sweep_dir
+
+    def trial_file(self, number: int | str) -> Path:
+        return self.paths.trial_file(number)
+
+
+@dataclass(frozen=True)
+class SweepPaths:
+    """The one owner of the sweep's file layout: every tool, the Snakefile and the tests ask
+    here instead of spelling a path out. Methods taking a number also take a Snakemake
+    wildcard such as "{worker}"."""
+
+    results_dir: Path
+    name: str
+    dataset: str
+
+    @property
+    def dataset_file(self) -> Path:
+        return self.results_dir / "data" / f"{self.dataset}.h5"
 
     @property
     def sweep_dir(self) -> Path:
         return self.results_dir / self.name
 
-    def trial_file(self, number: int) -> Path:
-        return self.sweep_dir / "trials" / f"{number}.h5"
+    @property
+    def config_file(self) -> Path:
+        """The validated config (defaults filled) that every job of the sweep reads."""
+        return self.sweep_dir / "config.yaml"
+
+    @property
+    def journal(self) -> Path:
+        return self.sweep_dir / "study.journal"
+
+    @property
+    def trials_dir(self) -> Path:
+        return self.sweep_dir / "trials"
+
+    def trial_file(self, number: int | str) -> Path:
+        return self.trials_dir / f"{number}.h5"
+
+    def worker_done(self, worker: int | str) -> Path:
+        return self.sweep_dir / "workers" / f"{worker}.done"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.sweep_dir / "logs"
+
+    def log(self, job: str) -> Path:
+        return self.logs_dir / f"{job}.log"
+
+    def benchmark(self, job: str) -> Path:
+        """Snakemake's time/memory record of a job."""
+        return self.sweep_dir / "benchmarks" / f"{job}.tsv"
+
+    @property
+    def summary_h5(self) -> Path:
+        return self.sweep_dir / "summary.h5"
+
+    @property
+    def summary_csv(self) -> Path:
+        return self.sweep_dir / "summary.csv"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.sweep_dir / "figures"
+
+    @property
+    def report_html(self) -> Path:
+        return self.sweep_dir / "report.html"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.sweep_dir / "best"
+
+    @property
+    def best_model(self) -> Path:
+        return self.best_dir / "model.keras"
+
+    @property
+    def best_run(self) -> Path:
+        return self.best_dir / "run.h5"
+
+    @property
+    def scaling_h5(self) -> Path:
+        return self.sweep_dir / "scaling.h5"
+
+    def scaling_run(self, ranks: int) -> Path:
+        return self.sweep_dir / "scaling" / f"ranks-{ranks}.h5"
+
+    @property
+    def slurm_dir(self) -> Path:
+        return self.sweep_dir / "slurm"
+
+    def sbatch_script(self, job: str) -> Path:
+        return self.slurm_dir / f"{job}.sbatch"
+
+    def run_file(self, label: str) -> Path:
+        """A run outside the sweep (`hpcdl train` without --out, a reproduced trial)."""
+        return self.results_dir / "runs" / f"{label}.h5"
 
 
 def load(path: str | Path, overrides: Iterable[str] = ()) -> Config:

@@ -54,10 +54,6 @@ class TrialRow:
         return self.wall_seconds * self.ranks
 
 
-def load_study(config: Config) -> optuna.Study:
-    return optuna.load_study(study_name=config.name, storage=study.open_storage(config))
-
-
 def trial_row(config: Config, trial: FrozenTrial) -> TrialRow:
     """Join a trial with its run file; a missing or unreadable file is noted, not fatal."""
     path = config.trial_file(trial.number)
@@ -97,7 +93,7 @@ def trial_row(config: Config, trial: FrozenTrial) -> TrialRow:
 
 
 def collect(config: Config) -> tuple[optuna.Study, list[TrialRow]]:
-    s = load_study(config)
+    s = study.load_study(config)
     return s, [trial_row(config, t) for t in s.get_trials(deepcopy=False)]
 
 
@@ -129,8 +125,7 @@ def write_summary(config: Config, rows: list[TrialRow]) -> tuple[Path, Path]:
             for r in rows
         ]
     )
-    csv_path = config.sweep_dir / "summary.csv"
-    h5_path = config.sweep_dir / "summary.h5"
+    csv_path, h5_path = config.paths.summary_csv, config.paths.summary_h5
     with store.atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False)
     with store.atomic_path(h5_path) as tmp, h5py.File(tmp, "w") as handle:
@@ -276,7 +271,7 @@ def make_figures(config: Config, s: optuna.Study, rows: list[TrialRow], top: lis
     """Every figure that the data allows, as PNG (and SVG) in the sweep's figures/ folder."""
     from optuna.visualization import matplotlib as ovm
 
-    folder = config.sweep_dir / "figures"
+    folder = config.paths.figures_dir
     folder.mkdir(parents=True, exist_ok=True)
     complete = [r for r in rows if r.state == "COMPLETE"]
     two_objectives = len(s.directions) > 1
@@ -323,8 +318,8 @@ def reproduce_command(config: Config, row: TrialRow) -> str:
     seed = study.trial_seed(config.section("search")["seed"], row.number)
     return (
         f"mpirun -np {max(row.ranks, 1)} hpcdl train --config "
-        f"{config.sweep_dir / 'config.yaml'} {' '.join(sets)} --set seed={seed} "
-        f"--out {config.results_dir / 'runs' / f'{config.name}-trial{row.number}.h5'}"
+        f"{config.paths.config_file} {' '.join(sets)} --set seed={seed} "
+        f"--out {config.paths.run_file(f'{config.name}-trial{row.number}')}"
     )
 
 
@@ -347,9 +342,9 @@ def render(config: Config, s: optuna.Study, rows: list[TrialRow]) -> Path:
 
     best_first = ranked(config, rows)
     top = [r.number for r in best_first[:5]] + [r.number for r in rows if r.state == "PRUNED"][:3]
-    scaling = read_scaling(config.sweep_dir / "scaling.h5")
+    scaling = read_scaling(config.paths.scaling_h5)
     figures = make_figures(config, s, rows, top, scaling)
-    final = config.sweep_dir / "best" / "run.h5"
+    final = config.paths.best_run
     final_run = store.read_run(final) if final.exists() else None
     states = {state.name: sum(1 for r in rows if r.state == state.name) for state in TrialState}
     rank_hours = sum(r.rank_seconds for r in rows) / 3600
@@ -388,7 +383,7 @@ def render(config: Config, s: optuna.Study, rows: list[TrialRow]) -> Path:
         params=sorted({n for r in rows for n in r.params}),
         hpcdl_version=__version__,
     )
-    out = config.sweep_dir / "report.html"
+    out = config.paths.report_html
     with store.atomic_path(out) as tmp:
         tmp.write_text(html)
     return out

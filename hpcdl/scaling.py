@@ -24,10 +24,6 @@ from hpcdl.errors import UserError
 log = logging.getLogger("hpcdl.scaling")
 
 
-def run_file(config: Config, ranks: int) -> Path:
-    return config.sweep_dir / "scaling" / f"ranks-{ranks}.h5"
-
-
 def measure(config: Config, params: dict[str, Any], launcher: str, rank_exec: str = "") -> Path:
     """Train at every rank count of resources.scaling_ranks; write scaling.h5."""
     res = config.section("resources")
@@ -35,10 +31,10 @@ def measure(config: Config, params: dict[str, Any], launcher: str, rank_exec: st
     if epochs < 2:
         raise UserError(f"{config.origin}: resources.scaling_epochs: {epochs}; need >= 2 (the "
                         "first epoch traces the graph and is not timed)")
-    config_file = config.sweep_dir / "config.yaml"
+    config_file = config.paths.config_file
     rows = []
     for ranks in sorted(set(res["scaling_ranks"])):
-        out = run_file(config, ranks)
+        out = config.paths.scaling_run(ranks)
         out.unlink(missing_ok=True)
         sets = [f"--set={k}={v}" for k, v in {**params, "epochs": epochs}.items()]
         command = [*shlex.split(launcher), "-n", str(ranks), *shlex.split(rank_exec), "hpcdl",
@@ -54,7 +50,7 @@ def measure(config: Config, params: dict[str, Any], launcher: str, rank_exec: st
                      float(np.median(run.epochs["epoch_seconds"][1:]))))
     ranks_, speed, seconds = (np.array(column) for column in zip(*rows, strict=True))
     speedup = speed / speed[0] * ranks_[0]
-    out = config.sweep_dir / "scaling.h5"
+    out = config.paths.scaling_h5
     with store.atomic_path(out) as tmp, h5py.File(tmp, "w") as handle:
         handle.attrs.update({"format": "hpcdl-scaling", "params": str(params),
                              "epochs": epochs, "launcher": launcher,

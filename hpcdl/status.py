@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-import optuna
 from optuna.trial import TrialState
 from rich.console import Group
 from rich.table import Table
@@ -16,7 +15,7 @@ from hpcdl.config import Config
 
 def snapshot(config: Config) -> dict[str, Any]:
     """Counts by state, running trials with owner and epoch, the best so far, budget left."""
-    s = optuna.load_study(study_name=config.name, storage=study.open_storage(config))
+    s = study.load_study(config)
     trials = s.get_trials(deepcopy=False)
     search = config.section("search")
     replaced = study.replaced_numbers(trials)

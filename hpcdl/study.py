@@ -15,7 +15,6 @@ import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,10 +39,6 @@ MAX_RETRIES = 3
 # ---------------------------------------------------------------- storage, sampler, pruner
 
 
-def journal_path(config: Config) -> Path:
-    return config.sweep_dir / "study.journal"
-
-
 def open_storage(config: Config, url: str | None = None) -> BaseStorage:
     """The config's storage URL as an Optuna storage; ConfigError with the reason if it fails."""
     url = config.storage_url if url is None else url
@@ -53,7 +48,7 @@ def open_storage(config: Config, url: str | None = None) -> BaseStorage:
     )
     try:
         if url == "journal":
-            path = journal_path(config)
+            path = config.paths.journal
             path.parent.mkdir(parents=True, exist_ok=True)
             from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
@@ -183,6 +178,11 @@ def directions(config: Config) -> list[str]:
     search = config.section("search")
     second = search["second_objective"]
     return [search["direction"]] + ([second["direction"]] if second else [])
+
+
+def load_study(config: Config) -> optuna.Study:
+    """The sweep's existing study, for readers (report, status, the retrain)."""
+    return optuna.load_study(study_name=config.name, storage=open_storage(config))
 
 
 def open_study(
@@ -503,8 +503,7 @@ def best_complete(config: Config, trials: list[FrozenTrial]) -> FrozenTrial | No
 
 def best_trial(config: Config) -> tuple[int, dict[str, Any]]:
     """The trial to retrain or scale: its number and params."""
-    s = optuna.load_study(study_name=config.name, storage=open_storage(config))
-    best = best_complete(config, s.get_trials(deepcopy=False))
+    best = best_complete(config, load_study(config).get_trials(deepcopy=False))
     if best is None:
         raise UserError(f"{config.origin}: study {config.name!r} has no complete trial to "
                         "retrain (see `hpcdl status`)")

@@ -15,11 +15,10 @@ from pathlib import Path
 import yaml
 
 from hpcdl.config import Config
-from hpcdl.errors import UserError
+from hpcdl.errors import EXIT_INTERRUPTED, UserError
 
 log = logging.getLogger("hpcdl.submit")
 
-EXIT_REQUEUE = 75  # hpcdl worker's "stopped for the time limit; run me again"
 SIGNAL_LEAD_S = 120
 
 
@@ -35,7 +34,7 @@ def _header(config: Config, job: str, options: dict[str, str | int | None]) -> s
     res = config.section("resources")
     base: dict[str, str | int | None] = {
         "job-name": f"hpcdl-{config.name}-{job}",
-        "output": str(config.sweep_dir / "logs" / f"slurm-{job}-%A_%a.out"),
+        "output": str(config.paths.logs_dir / f"slurm-{job}-%A_%a.out"),
         "time": res["runtime_min"],
         "partition": res["partition"],
         "account": res["account"],
@@ -82,7 +81,7 @@ def render(config: Config, config_file: Path, container: str | None = None) -> l
         + prelude + f"""\
 # Slurm warns the batch shell {SIGNAL_LEAD_S} s before the time limit; pass it to every rank:
 # they finish their batch, keep the epoch checkpoint, mark the trial for re-run and exit
-# {EXIT_REQUEUE}. The job is then requeued and its worker resumes the trial.
+# {EXIT_INTERRUPTED}. The job is then requeued and its worker resumes the trial.
 trap 'kill -USR1 "$ranks" 2>/dev/null' USR1
 srun --mpi=pmix --kill-on-bad-exit=1 {worker_cmd} &
 ranks=$!
@@ -90,7 +89,7 @@ while true; do
   wait "$ranks"; status=$?
   kill -0 "$ranks" 2>/dev/null || break  # wait returned for the trap, not for srun
 done
-if [ "$status" -eq {EXIT_REQUEUE} ]; then
+if [ "$status" -eq {EXIT_INTERRUPTED} ]; then
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
 fi
@@ -106,14 +105,13 @@ srun --mpi=pmix --kill-on-bad-exit=1 {_run(f"hpcdl final --config {cfg}", contai
 
 def write(config: Config, container: str | None = None) -> tuple[Path, list[Path]]:
     """Write the validated config and the scripts under <sweep>/ and <sweep>/slurm/."""
-    folder = config.sweep_dir / "slurm"
-    folder.mkdir(parents=True, exist_ok=True)
-    (config.sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
-    config_file = config.sweep_dir / "config.yaml"
+    config.paths.slurm_dir.mkdir(parents=True, exist_ok=True)
+    config.paths.logs_dir.mkdir(parents=True, exist_ok=True)
+    config_file = config.paths.config_file
     config_file.write_text(yaml.safe_dump(config.as_dict(), sort_keys=False))
     paths = []
     for script in render(config, config_file, container):
-        path = folder / f"{script.name}.sbatch"
+        path = config.paths.sbatch_script(script.name)
         path.write_text(script.text)
         paths.append(path)
     return config_file, paths

@@ -32,7 +32,7 @@ def test_journal_study_is_shared_and_checked(cfg: config.Config) -> None:
     second = study.open_study(cfg, worker_id=1)  # a second worker loads the same study
     first.enqueue_trial({"width": 20})
     assert second.get_trials()[0].system_attrs["fixed_params"] == {"width": 20}
-    assert study.journal_path(cfg).is_file()
+    assert cfg.paths.journal.is_file()
     assert second.user_attrs["config"]["name"] == "sweep"
     minimize = cfg.with_params({})  # same study name, other direction -> refused
     doc = minimize.as_dict()
