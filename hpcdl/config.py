@@ -43,8 +43,9 @@ def schema() -> dict[str, Any]:
 
 
 def _validator_filling_defaults() -> type[jsonschema.protocols.Validator]:
-    """Draft-07 validator that also writes each property's `default` into the instance."""
-    base = jsonschema.Draft7Validator
+    """The schema's draft (2020-12, the one Snakemake's `validate` always uses) with each
+    property's `default` written into the instance, as Snakemake fills them."""
+    base = jsonschema.Draft202012Validator
     check_properties = base.VALIDATORS["properties"]
 
     def fill_then_check(
