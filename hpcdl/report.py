@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import h5py
 import jinja2
 import numpy as np
 import optuna
@@ -25,11 +24,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpcdl import __version__, store, study
 from hpcdl.config import Config
+from hpcdl.errors import UserError
 
 if TYPE_CHECKING:
     import pandas as pd
 
 log = logging.getLogger("hpcdl.report")
+
 
 @dataclass
 class TrialRow:
@@ -95,6 +96,7 @@ def trial_row(config: Config, trial: FrozenTrial) -> TrialRow:
 
 
 def collect(config: Config) -> tuple[optuna.Study, list[TrialRow]]:
+    """The study and every trial joined with its run file."""
     s = study.load_study(config)
     return s, [trial_row(config, t) for t in s.get_trials(deepcopy=False)]
 
@@ -129,17 +131,6 @@ def summary_table(rows: list[TrialRow]) -> pd.DataFrame:
     )
 
 
-def _h5_column(values: pd.Series) -> np.ndarray:
-    """Text columns as HDF5 strings (missing -> ""), numbers as float64 (missing -> NaN)."""
-    if values.dtype == object:
-        return np.array(
-            ["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
-             for v in values],
-            dtype=h5py.string_dtype(),
-        )
-    return values.to_numpy(dtype=np.float64)
-
-
 def write_summary(config: Config, rows: list[TrialRow]) -> tuple[Path, Path]:
     """summary.h5 (one row per trial plus every trial's curves) and summary.csv."""
     table = summary_table(rows)
@@ -149,13 +140,14 @@ def write_summary(config: Config, rows: list[TrialRow]) -> tuple[Path, Path]:
     store.write_summary(
         h5_path,
         {"study": config.name, "hpcdl_version": __version__, "config": config.to_json()},
-        {column: _h5_column(table[column]) for column in table.columns},
+        {column: table[column].to_numpy() for column in table.columns},
         {row.number: row.curves for row in rows},
     )
     return h5_path, csv_path
 
 
 def aggregate(config: Config) -> tuple[Path, Path]:
+    """`hpcdl aggregate`: the sweep's trials -> summary.h5 and summary.csv."""
     _, rows = collect(config)
     paths = write_summary(config, rows)
     log.info("%s: %d trials summarised", paths[0], len(rows))
@@ -390,7 +382,10 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def report(config: Config) -> Path:
     """Draw every figure the sweep allows, then write report.html around them."""
     s, rows = collect(config)
-    scaling = store.read_scaling(config.paths.scaling_h5)
+    try:
+        scaling = store.read_scaling(config.paths.scaling_h5)
+    except ValueError as exc:  # a foreign file where scaling.h5 belongs: the user's to fix
+        raise UserError(str(exc)) from exc
     top = curve_trials(rows, ranked(config, rows))
     figures = make_figures(config, s, rows, top, scaling)
     out = render(config, s, rows, figures, scaling)

@@ -117,14 +117,26 @@ def _check_format(path: Path, handle: h5py.File, expected: str) -> None:
         raise ValueError(f"{path}: not an {expected} file (format attribute {found!r})")
 
 
+def _summary_column(values: np.ndarray) -> np.ndarray:
+    """Text columns as HDF5 strings (missing -> ""), numbers as float64 (missing -> NaN)."""
+    if values.dtype == object:
+        return np.array(
+            ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+             for v in values],
+            dtype=h5py.string_dtype(),
+        )
+    return values.astype(np.float64)
+
+
 def write_summary(path: Path, attrs: Mapping[str, Any], columns: Mapping[str, np.ndarray],
                   curves: Mapping[int, Mapping[str, list[float]]]) -> None:
-    """Write (replace) a summary file atomically: per-trial columns and every trial's curves."""
+    """Write (replace) a summary file atomically: per-trial columns (text or numbers, None or NaN
+    when missing) and every trial's curves."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
         handle.attrs.update({"format": SUMMARY_FORMAT, **attrs})
         trials = handle.create_group("trials")
         for name, values in columns.items():
-            trials[name] = values
+            trials[name] = _summary_column(values)
         group = handle.create_group("curves")
         for number, metrics in curves.items():
             trial = group.create_group(str(number))
