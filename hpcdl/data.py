@@ -479,8 +479,9 @@ class PrepareRequest:
     def from_config(cls, section: Mapping[str, Any], out: Path) -> PrepareRequest:
         """From a sweep config's dataset section (defaults filled by the schema)."""
         keys = {k: section[k] for k in ("x_key", "y_key", "x_test_key", "y_test_key")}
-        options = SourceOptions(source=section["source_dir"], test_fraction=section[
-            "test_fraction"], seed=section["seed"], **keys)
+        options = SourceOptions(source=section["source_dir"],
+                                test_fraction=section["test_fraction"], seed=section["seed"],
+                                **keys)
         return cls(section["source"], options, section["val_fraction"], out)
 
 
