@@ -20,85 +20,33 @@ log = logging.getLogger("hpcdl")
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     from hpcdl import doctor
 
     checks = doctor.run_checks()
-    report = doctor.as_dict(checks)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(doctor.as_dict(checks), indent=2))
     else:
-        table = Table(title=f"hpcdl {__version__} doctor")
-        for column in ("item", "found", "status"):
-            table.add_column(column)
-        for check in checks:
-            status = (
-                "[green]ok"
-                if check.ok
-                else "[red]MISSING"
-                if check.required
-                else "[yellow]optional, absent"
-            )
-            table.add_row(check.name, check.value, status)
-        console = Console()
-        console.print(table)
-        for check in checks:
-            if not check.ok and check.required:
-                console.print(f"[red]{check.name}[/red]: fix with: {check.fix}")
-    return 0 if report["ok"] else 1
+        doctor.print_report(checks)
+    return 0 if doctor.all_required_ok(checks) else 1
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
-
     from hpcdl import config, data
 
+    out = Path(args.out) if args.out else None
     if args.config:
         cfg = config.load(args.config, args.set)
-        section = cfg.section("dataset")
-        args.out = args.out or str(cfg.dataset_file)
-        spec, source = section["source"], section["source_dir"]
-        keys = {k: section[k] for k in ("x_key", "y_key", "x_test_key", "y_test_key")}
-        fractions = section["val_fraction"], section["test_fraction"], section["seed"]
+        request = data.PrepareRequest.from_config(cfg.section("dataset"), out or cfg.dataset_file)
     elif args.dataset:
-        spec, source = args.dataset, args.source
-        keys = {
-            "x_key": args.x_key,
-            "y_key": args.y_key,
-            "x_test_key": args.x_test_key,
-            "y_test_key": args.y_test_key,
-        }
-        fractions = args.val_fraction, args.test_fraction, args.seed
+        options = data.SourceOptions(
+            source=args.source, x_key=args.x_key, y_key=args.y_key, x_test_key=args.x_test_key,
+            y_test_key=args.y_test_key, test_fraction=args.test_fraction, seed=args.seed)
+        request = data.PrepareRequest(args.dataset, options, args.val_fraction, out)
     else:
         raise UserError(
             "give a DATASET (fashion_mnist, mnist, digits, npz:FILE, hdf5:FILE) or --config CFG"
         )
-    val_fraction, test_fraction, seed = fractions
-    options = data.SourceOptions(source=source, test_fraction=test_fraction, seed=seed, **keys)
-    out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and not args.force:
-        raise UserError(f"{out}: already exists; pass --force to overwrite it")
-    log.info("reading %s", spec)
-    arrays = data.load_source(spec, options)
-    out = out or Path("results/data") / f"{arrays.name}.h5"
-    total = len(arrays.train_x) + len(arrays.test_x)
-    with Progress(transient=True) as progress:
-        task = progress.add_task(f"writing {out}", total=total)
-        sizes = data.write_dataset(
-            arrays,
-            out,
-            val_fraction,
-            seed,
-            force=args.force,
-            progress=lambda rows: progress.advance(task, rows),
-        )
-    shape = "x".join(str(d) for d in arrays.train_x.shape[1:])
-    print(
-        f"{out}: {arrays.name} {shape}, {len(arrays.class_names)} classes, "
-        + ", ".join(f"{split} {n}" for split, n in sizes.items())
-    )
+    print(data.prepare(request, force=args.force))
     return 0
 
 
@@ -192,8 +140,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.set)
     container = cfg.section("resources")["container"] if args.apptainer else None
     if args.dry_run:
-        for script in submit.render(cfg, cfg.paths.config_file, container):
-            print(f"# ---- {cfg.paths.sbatch_script(script.name)}\n{script.text}")
+        print(submit.preview(cfg, container))
         return 0
     for job, job_id in submit.submit(cfg, container).items():
         print(f"{job}: {job_id}")
@@ -201,40 +148,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    import time
-
-    from rich.console import Console
-    from rich.live import Live
-
     from hpcdl import config, status
 
     cfg = config.load(args.config, args.set)
     if args.json:
-        print(json.dumps(status.snapshot(cfg), indent=2, default=str))
-        return 0
-    if not args.watch:
-        Console().print(status.render(status.snapshot(cfg)))
-        return 0
-    with Live(status.render(status.snapshot(cfg)), refresh_per_second=1) as live:
-        while True:
-            time.sleep(args.every)
-            live.update(status.render(status.snapshot(cfg)))
+        print(status.as_json(cfg))
+    elif args.watch:
+        status.watch(cfg, args.every)
+    else:
+        status.show(cfg)
+    return 0
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    import socket
+    from hpcdl import config, status
 
-    import optuna_dashboard
-
-    from hpcdl import config, study
-
-    cfg = config.load(args.config, args.set)
-    storage = study.open_storage(cfg)
-    print(f"optuna-dashboard for sweep {cfg.name} ({cfg.storage_url}) at "
-          f"http://{args.host}:{args.port}/\nfrom your laptop: ssh -L {args.port}:localhost:"
-          f"{args.port} {socket.gethostname()}  then open http://localhost:{args.port}/",
-          flush=True)
-    optuna_dashboard.run_server(storage, host=args.host, port=args.port)
+    status.dashboard(config.load(args.config, args.set), args.host, args.port)
     return 0
 
 

@@ -210,9 +210,8 @@ class Config:
     def check_container(self, apptainer: bool) -> None:
         """With Apptainer requested, the image must exist before any job is submitted."""
         image = self._doc["resources"]["container"]
-        if apptainer and image and not Path(image).is_file():
-            raise ConfigError(f"{self.origin}: resources.container: {image} does not exist "
-                              "(build it with: apptainer build hpcdl.sif containers/hpcdl.def)")
+        if apptainer and image:
+            require_container(image, self.origin)
 
     @property
     def storage_url(self) -> str:
@@ -240,6 +239,23 @@ class Config:
         return self.paths.trial_file(number)
 
 
+def require_container(image: str, origin: str) -> None:
+    """The Apptainer image a job would run in exists (the one check and message for it)."""
+    if not Path(image).is_file():
+        raise ConfigError(f"{origin}: resources.container: {image} does not exist "
+                          "(build it with: apptainer build hpcdl.sif containers/hpcdl.def)")
+
+
+def dataset_path(results_dir: Path, dataset: str) -> Path:
+    """Where the dataset file named `dataset` lives under a results directory."""
+    return results_dir / "data" / f"{dataset}.h5"
+
+
+def default_dataset_path(dataset: str) -> Path:
+    """`hpcdl prepare DATASET`'s output without a config: under the schema's default results_dir."""
+    return dataset_path(Path(schema()["properties"]["results_dir"]["default"]), dataset)
+
+
 @dataclass(frozen=True)
 class SweepPaths:
     """The one owner of the sweep's file layout: every tool, the Snakefile and the tests ask
@@ -252,7 +268,7 @@ class SweepPaths:
 
     @property
     def dataset_file(self) -> Path:
-        return self.results_dir / "data" / f"{self.dataset}.h5"
+        return dataset_path(self.results_dir, self.dataset)
 
     @property
     def sweep_dir(self) -> Path:

@@ -13,19 +13,22 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
+import logging
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import h5py
 import numpy as np
 
-from hpcdl import __version__
+from hpcdl import __version__, store
+from hpcdl.config import default_dataset_path
 from hpcdl.errors import DatasetError
+
+log = logging.getLogger("hpcdl.data")
 
 DATASET_FORMAT = "hpcdl-dataset"
 DATASET_FORMAT_VERSION = 1
@@ -376,6 +379,56 @@ def _chunk_rows(sample_shape: tuple[int, ...], itemsize: int, n_rows: int) -> in
     return max(1, min(n_rows, TARGET_CHUNK_BYTES // row_bytes))
 
 
+def _write_splits(
+    handle: h5py.File,
+    arrays: Arrays,
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    val_fraction: float,
+    seed: int,
+    progress: Callable[[int], None] | None,
+) -> None:
+    """The dataset layout: attributes describing the data, then x (chunked) and y per split."""
+    n_classes = len(arrays.class_names)
+    handle.attrs.update(
+        {
+            "format": DATASET_FORMAT,
+            "format_version": DATASET_FORMAT_VERSION,
+            "name": arrays.name,
+            "source": arrays.source,
+            "n_classes": n_classes,
+            "class_names": json.dumps(list(arrays.class_names)),
+            "shapes": json.dumps({s: list(x.shape) for s, (x, _) in splits.items()}),
+            "checksums_sha256": json.dumps(arrays.checksums, sort_keys=True),
+            "val_fraction": val_fraction,
+            "split_seed": seed,
+            "hpcdl_version": __version__,
+        }
+    )
+    for split, (x, y) in splits.items():
+        group = handle.create_group(split)
+        rows = _chunk_rows(x.shape[1:], x.dtype.itemsize, len(x))
+        dset = group.create_dataset(
+            "x",
+            shape=x.shape,
+            dtype=x.dtype,
+            chunks=(rows, *x.shape[1:]),
+            compression="gzip",
+            compression_opts=4,
+            shuffle=True,
+        )
+        for start in range(0, len(x), rows):
+            dset[start : start + rows] = x[start : start + rows]
+            if progress:
+                progress(min(rows, len(x) - start))
+        group.create_dataset(
+            "y",
+            data=y.astype(np.int64),
+            chunks=True,
+            compression="gzip",
+            compression_opts=4,
+        )
+
+
 def write_dataset(
     arrays: Arrays,
     out: Path,
@@ -400,55 +453,56 @@ def write_dataset(
             raise DatasetError(f"{arrays.source}: {split} label {y.max()} >= n_classes {n_classes}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        handle = h5py.File(tmp, "w")
     except OSError as exc:
         raise DatasetError(f"{out}: cannot write here ({exc.strerror or exc})") from exc
-    try:
+    with store.atomic_path(out) as tmp:
+        try:
+            handle = h5py.File(tmp, "w")
+        except OSError as exc:
+            raise DatasetError(f"{out}: cannot write here ({exc.strerror or exc})") from exc
         with handle:
-            handle.attrs.update(
-                {
-                    "format": DATASET_FORMAT,
-                    "format_version": DATASET_FORMAT_VERSION,
-                    "name": arrays.name,
-                    "source": arrays.source,
-                    "n_classes": n_classes,
-                    "class_names": json.dumps(list(arrays.class_names)),
-                    "shapes": json.dumps({s: list(x.shape) for s, (x, _) in splits.items()}),
-                    "checksums_sha256": json.dumps(arrays.checksums, sort_keys=True),
-                    "val_fraction": val_fraction,
-                    "split_seed": seed,
-                    "hpcdl_version": __version__,
-                }
-            )
-            for split, (x, y) in splits.items():
-                group = handle.create_group(split)
-                rows = _chunk_rows(x.shape[1:], x.dtype.itemsize, len(x))
-                dset = group.create_dataset(
-                    "x",
-                    shape=x.shape,
-                    dtype=x.dtype,
-                    chunks=(rows, *x.shape[1:]),
-                    compression="gzip",
-                    compression_opts=4,
-                    shuffle=True,
-                )
-                for start in range(0, len(x), rows):
-                    dset[start : start + rows] = x[start : start + rows]
-                    if progress:
-                        progress(min(rows, len(x) - start))
-                group.create_dataset(
-                    "y",
-                    data=y.astype(np.int64),
-                    chunks=True,
-                    compression="gzip",
-                    compression_opts=4,
-                )
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            _write_splits(handle, arrays, splits, val_fraction, seed, progress)
     return {split: len(y) for split, (_, y) in splits.items()}
+
+
+
+@dataclass(frozen=True)
+class PrepareRequest:
+    """What `hpcdl prepare` writes: a source, how to read it, the val share and where to."""
+
+    spec: str
+    options: SourceOptions
+    val_fraction: float
+    out: Path | None = None  # None: the default dataset path of the source's name
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any], out: Path) -> PrepareRequest:
+        """From a sweep config's dataset section (defaults filled by the schema)."""
+        keys = {k: section[k] for k in ("x_key", "y_key", "x_test_key", "y_test_key")}
+        options = SourceOptions(source=section["source_dir"],
+                                test_fraction=section["test_fraction"], seed=section["seed"],
+                                **keys)
+        return cls(section["source"], options, section["val_fraction"], out)
+
+
+def prepare(request: PrepareRequest, force: bool = False) -> str:
+    """Read the source and write its dataset file with a progress bar; the summary line."""
+    from rich.progress import Progress
+
+    out = request.out
+    if out is not None and out.exists() and not force:
+        raise DatasetError(f"{out}: already exists; pass --force to overwrite it")
+    log.info("reading %s", request.spec)
+    arrays = load_source(request.spec, request.options)
+    out = out or default_dataset_path(arrays.name)
+    total = len(arrays.train_x) + len(arrays.test_x)
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"writing {out}", total=total)
+        sizes = write_dataset(arrays, out, request.val_fraction, request.options.seed,
+                              force=force, progress=lambda rows: progress.advance(task, rows))
+    shape = "x".join(str(d) for d in arrays.train_x.shape[1:])
+    return (f"{out}: {arrays.name} {shape}, {len(arrays.class_names)} classes, "
+            + ", ".join(f"{split} {n}" for split, n in sizes.items()))
 
 
 # ---------------------------------------------------------------- reading

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 
-from hpcdl import parallel
+from hpcdl import __version__, parallel
 
 REBUILD_HOROVOD = (
     "HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_PYTORCH=1 "
@@ -37,7 +37,13 @@ def _first_line(command: list[str]) -> str:
 
 def run_checks() -> list[Check]:
     """Inspect Python, TensorFlow/Keras, Horovod's build, MPI, GPUs, Slurm and Apptainer."""
-    checks = [Check("python", platform.python_version(), True, True)]
+    return [Check("python", platform.python_version(), True, True), *_tensorflow_checks(),
+            _horovod_check(), *_mpi_checks(), *_tool_checks()]
+
+
+def _tensorflow_checks() -> list[Check]:
+    """TensorFlow, Keras 2 (Horovod needs the legacy tf.keras) and the GPUs TensorFlow sees."""
+    checks: list[Check] = []
     try:
         import tensorflow as tf
 
@@ -61,23 +67,23 @@ def run_checks() -> list[Check]:
         checks.append(Check("gpus", ", ".join(gpus) or "none (CPU only)", True, False))
     except ImportError as exc:
         checks.append(Check("tensorflow / tf-keras", f"missing ({exc})", False, True, "make setup"))
+    return checks
 
+
+def _horovod_check() -> Check:
+    """Horovod installed and built with a usable controller (MPI or Gloo)."""
     build = parallel.horovod_build()
-    if build["installed"]:
-        flags = ", ".join(f"{k}={'yes' if build[k] else 'no'}" for k in ("mpi", "gloo", "nccl"))
-        usable = build["mpi"] or build["gloo"]
-        checks.append(
-            Check(
-                "horovod",
-                f"{build['version']} ({flags})",
-                usable,
-                True,
-                "" if usable else REBUILD_HOROVOD,
-            )
-        )
-    else:
-        checks.append(Check("horovod", f"missing ({build['error']})", False, True, REBUILD_HOROVOD))
+    if not build["installed"]:
+        return Check("horovod", f"missing ({build['error']})", False, True, REBUILD_HOROVOD)
+    flags = ", ".join(f"{k}={'yes' if build[k] else 'no'}" for k in ("mpi", "gloo", "nccl"))
+    usable = build["mpi"] or build["gloo"]
+    return Check("horovod", f"{build['version']} ({flags})", usable, True,
+                 "" if usable else REBUILD_HOROVOD)
 
+
+def _mpi_checks() -> list[Check]:
+    """mpi4py, the MPI library it was built against, and mpirun on PATH."""
+    checks: list[Check] = []
     try:
         import mpi4py
 
@@ -108,6 +114,12 @@ def run_checks() -> list[Check]:
             "" if mpirun else "apt-get install openmpi-bin (or module load openmpi)",
         )
     )
+    return checks
+
+
+def _tool_checks() -> list[Check]:
+    """Cluster tools: optional, needed only with Slurm or containers."""
+    checks: list[Check] = []
     for tool, fix in (
         ("sbatch", "needed only on a Slurm cluster: module load slurm"),
         ("srun", "needed only on a Slurm cluster: module load slurm"),
@@ -119,6 +131,35 @@ def run_checks() -> list[Check]:
     return checks
 
 
+def all_required_ok(checks: list[Check]) -> bool:
+    """Whether hpcdl can run: optional items (Slurm, Apptainer) may be absent."""
+    return all(c.ok for c in checks if c.required)
+
+
 def as_dict(checks: list[Check]) -> dict[str, object]:
     """JSON form: every check, and whether everything required is present."""
-    return {"ok": all(c.ok for c in checks if c.required), "checks": [asdict(c) for c in checks]}
+    return {"ok": all_required_ok(checks), "checks": [asdict(c) for c in checks]}
+
+
+def print_report(checks: list[Check]) -> None:
+    """The checks as a terminal table, then the fix for each missing required item."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"hpcdl {__version__} doctor")
+    for column in ("item", "found", "status"):
+        table.add_column(column)
+    for check in checks:
+        status = (
+            "[green]ok"
+            if check.ok
+            else "[red]MISSING"
+            if check.required
+            else "[yellow]optional, absent"
+        )
+        table.add_row(check.name, check.value, status)
+    console = Console()
+    console.print(table)
+    for check in checks:
+        if not check.ok and check.required:
+            console.print(f"[red]{check.name}[/red]: fix with: {check.fix}")

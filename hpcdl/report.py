@@ -2,7 +2,8 @@
 
 The report answers: what is the best model, how sure are we, what mattered, what did it cost.
 Figures come from Optuna's visualisation module (matplotlib backend, so PNGs need no browser),
-embedded in the HTML as data URIs: one self-contained file to mail to the group.
+embedded in the HTML as data URIs: one self-contained file to mail to the group. The page is
+the package template templates/report.html.j2; the HDF5 layout of summary.h5 is store.py's.
 """
 
 from __future__ import annotations
@@ -14,19 +15,21 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import h5py
+import jinja2
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpcdl import __version__, store, study
 from hpcdl.config import Config
+from hpcdl.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("hpcdl.report")
-
-SUMMARY_FORMAT = "hpcdl-summary"
 
 
 @dataclass
@@ -93,16 +96,17 @@ def trial_row(config: Config, trial: FrozenTrial) -> TrialRow:
 
 
 def collect(config: Config) -> tuple[optuna.Study, list[TrialRow]]:
+    """The study and every trial joined with its run file."""
     s = study.load_study(config)
     return s, [trial_row(config, t) for t in s.get_trials(deepcopy=False)]
 
 
-def write_summary(config: Config, rows: list[TrialRow]) -> tuple[Path, Path]:
-    """summary.h5 (one row per trial plus every trial's curves) and summary.csv."""
+def summary_table(rows: list[TrialRow]) -> pd.DataFrame:
+    """One row per trial: the columns of summary.csv and of summary.h5's /trials."""
     import pandas as pd
 
     names = sorted({name for row in rows for name in row.params})
-    table = pd.DataFrame(
+    return pd.DataFrame(
         [
             {
                 "number": r.number,
@@ -125,40 +129,25 @@ def write_summary(config: Config, rows: list[TrialRow]) -> tuple[Path, Path]:
             for r in rows
         ]
     )
+
+
+def write_summary(config: Config, rows: list[TrialRow]) -> tuple[Path, Path]:
+    """summary.h5 (one row per trial plus every trial's curves) and summary.csv."""
+    table = summary_table(rows)
     csv_path, h5_path = config.paths.summary_csv, config.paths.summary_h5
     with store.atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False)
-    with store.atomic_path(h5_path) as tmp, h5py.File(tmp, "w") as handle:
-        handle.attrs.update(
-            {
-                "format": SUMMARY_FORMAT,
-                "study": config.name,
-                "hpcdl_version": __version__,
-                "config": config.to_json(),
-            }
-        )
-        trials = handle.create_group("trials")
-        for column in table.columns:
-            values = table[column]
-            if values.dtype == object:
-                trials[column] = np.array(
-                    [
-                        "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
-                        for v in values
-                    ],
-                    dtype=h5py.string_dtype(),
-                )
-            else:
-                trials[column] = values.to_numpy(dtype=np.float64)
-        curves = handle.create_group("curves")
-        for row in rows:
-            group = curves.create_group(str(row.number))
-            for metric, curve in row.curves.items():
-                group[metric] = np.asarray(curve, dtype=np.float64)
+    store.write_summary(
+        h5_path,
+        {"study": config.name, "hpcdl_version": __version__, "config": config.to_json()},
+        {column: table[column].to_numpy() for column in table.columns},
+        {row.number: row.curves for row in rows},
+    )
     return h5_path, csv_path
 
 
 def aggregate(config: Config) -> tuple[Path, Path]:
+    """`hpcdl aggregate`: the sweep's trials -> summary.h5 and summary.csv."""
     _, rows = collect(config)
     paths = write_summary(config, rows)
     log.info("%s: %d trials summarised", paths[0], len(rows))
@@ -168,13 +157,28 @@ def aggregate(config: Config) -> tuple[Path, Path]:
 # ---------------------------------------------------------------- figures
 
 
-def _save_figure(draw: Callable[[], Any], path: Path) -> Path | None:
-    """Draw with matplotlib and save PNG + SVG; a figure Optuna cannot draw is skipped."""
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend: figures are files, no display needed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(figure: Any, path: Path) -> Path:
+    """PNG (embedded in the report) and SVG (for papers) beside each other; frees the figure."""
+    figure.tight_layout()
+    figure.savefig(path.with_suffix(".png"), dpi=110)
+    figure.savefig(path.with_suffix(".svg"))
+    _pyplot().close(figure)
+    return path.with_suffix(".png")
+
+
+def optuna_figure(draw: Callable[[], Any], path: Path) -> Path | None:
+    """One of Optuna's matplotlib plots, saved; a figure Optuna cannot draw is skipped."""
+    plt = _pyplot()
     try:
         result = draw()
     except (ValueError, RuntimeError, ZeroDivisionError) as exc:
@@ -184,25 +188,17 @@ def _save_figure(draw: Callable[[], Any], path: Path) -> Path | None:
     axes = result.flatten()[0] if isinstance(result, np.ndarray) else result
     figure = axes.figure if hasattr(axes, "figure") else plt.gcf()
     figure.set_size_inches(max(figure.get_size_inches()[0], 7), 4.5)
-    figure.tight_layout()
-    figure.savefig(path.with_suffix(".png"), dpi=110)
-    figure.savefig(path.with_suffix(".svg"))
-    plt.close("all")
-    return path.with_suffix(".png")
+    return _save(figure, path)
 
 
 def learning_curves(rows: list[TrialRow], path: Path, top: list[int]) -> Path | None:
     """Train/val loss and accuracy of the top trials; pruned trials dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     shown = [r for r in rows if r.curves.get("val_loss") and r.number in top]
     if not shown:
         return None
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, axes = _pyplot().subplots(1, 2, figsize=(11, 4.2))
     for row in shown:
         style = "--" if row.state == "PRUNED" else "-"
         epochs = np.arange(1, len(row.curves["loss"]) + 1)
@@ -222,24 +218,16 @@ def learning_curves(rows: list[TrialRow], path: Path, top: list[int]) -> Path | 
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} (faint: train)")
     axes[1].legend(fontsize=7, loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path.with_suffix(".png"), dpi=110)
-    figure.savefig(path.with_suffix(".svg"))
-    plt.close(figure)
-    return path.with_suffix(".png")
+    return _save(figure, path)
 
 
 def scaling_figure(scaling: dict[str, np.ndarray], path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Speed-up and parallel efficiency against the number of ranks, with the ideal lines."""
     ranks, speed = scaling["ranks"], scaling["samples_per_second"]
     if len(ranks) == 0:
         return None
     speedup = speed / speed[0] * ranks[0]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    figure, axes = _pyplot().subplots(1, 2, figsize=(10, 4))
     axes[0].plot(ranks, speedup, "o-", label="measured")
     axes[0].plot(ranks, ranks, "k:", label="ideal")
     axes[0].set(xlabel="ranks", ylabel="speed-up", title="speed-up")
@@ -252,27 +240,15 @@ def scaling_figure(scaling: dict[str, np.ndarray], path: Path) -> Path | None:
         ylim=(0, 1.1),
         title="efficiency = speed-up / ranks",
     )
-    figure.tight_layout()
-    figure.savefig(path.with_suffix(".png"), dpi=110)
-    figure.savefig(path.with_suffix(".svg"))
-    plt.close(figure)
-    return path.with_suffix(".png")
+    return _save(figure, path)
 
 
-def read_scaling(path: Path) -> dict[str, np.ndarray] | None:
-    if not path.exists():
-        return None
-    with h5py.File(path, "r") as handle:
-        return {key: handle[key][()] for key in handle}
-
-
-def make_figures(config: Config, s: optuna.Study, rows: list[TrialRow], top: list[int],
-                 scaling: dict[str, np.ndarray] | None) -> dict[str, Path]:
-    """Every figure that the data allows, as PNG (and SVG) in the sweep's figures/ folder."""
+def optuna_plots(
+    config: Config, s: optuna.Study, rows: list[TrialRow]
+) -> dict[str, Callable[[], Any]]:
+    """Optuna's plots that the trials allow, by figure name, not yet drawn."""
     from optuna.visualization import matplotlib as ovm
 
-    folder = config.paths.figures_dir
-    folder.mkdir(parents=True, exist_ok=True)
     complete = [r for r in rows if r.state == "COMPLETE"]
     two_objectives = len(s.directions) > 1
     space = list(config.section("search")["space"])
@@ -294,19 +270,20 @@ def make_figures(config: Config, s: optuna.Study, rows: list[TrialRow], top: lis
             )
     if two_objectives and complete:
         wanted["pareto"] = lambda: ovm.plot_pareto_front(s)
-    figures = {}
-    for key, draw in wanted.items():
-        png = _save_figure(draw, folder / key)
-        if png:
-            figures[key] = png
-    curves = learning_curves(rows, folder / "curves", top)
-    if curves:
-        figures["curves"] = curves
+    return wanted
+
+
+def make_figures(config: Config, s: optuna.Study, rows: list[TrialRow], top: list[int],
+                 scaling: dict[str, np.ndarray] | None) -> dict[str, Path]:
+    """Every figure that the data allows, as PNG (and SVG) in the sweep's figures/ folder."""
+    folder = config.paths.figures_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    drawn = {key: optuna_figure(draw, folder / key)
+             for key, draw in optuna_plots(config, s, rows).items()}
+    drawn["curves"] = learning_curves(rows, folder / "curves", top)
     if scaling is not None:
-        png = scaling_figure(scaling, folder / "scaling")
-        if png:
-            figures["scaling"] = png
-    return figures
+        drawn["scaling"] = scaling_figure(scaling, folder / "scaling")
+    return {key: png for key, png in drawn.items() if png}
 
 
 # ---------------------------------------------------------------- HTML
@@ -335,20 +312,14 @@ def ranked(config: Config, rows: list[TrialRow]) -> list[TrialRow]:
     )  # type: ignore[index]
 
 
-def render(config: Config, s: optuna.Study, rows: list[TrialRow]) -> Path:
-    """Write report.html (self-contained) and the figures beside it."""
-    import jinja2
-    import yaml
+def curve_trials(rows: list[TrialRow], best_first: list[TrialRow]) -> list[int]:
+    """The trials whose learning curves are drawn: the five best and the first pruned ones."""
+    return [r.number for r in best_first[:5]] + [r.number for r in rows if r.state == "PRUNED"][:3]
 
-    best_first = ranked(config, rows)
-    top = [r.number for r in best_first[:5]] + [r.number for r in rows if r.state == "PRUNED"][:3]
-    scaling = read_scaling(config.paths.scaling_h5)
-    figures = make_figures(config, s, rows, top, scaling)
-    final = config.paths.best_run
-    final_run = store.read_run(final) if final.exists() else None
-    states = {state.name: sum(1 for r in rows if r.state == state.name) for state in TrialState}
-    rank_hours = sum(r.rank_seconds for r in rows) / 3600
-    versions = (
+
+def first_versions(config: Config, rows: list[TrialRow]) -> dict[str, str]:
+    """The software versions recorded by the first readable trial file (provenance)."""
+    return (
         next(
             (
                 store.read_run(config.trial_file(r.number)).attrs.get("versions")
@@ -359,11 +330,22 @@ def render(config: Config, s: optuna.Study, rows: list[TrialRow]) -> Path:
         )
         or {}
     )
+
+
+def render(config: Config, s: optuna.Study, rows: list[TrialRow], figures: dict[str, Path],
+           scaling: dict[str, np.ndarray] | None) -> Path:
+    """Assemble report.html (self-contained) from the trials and the figures already drawn."""
+    import yaml
+
+    best_first = ranked(config, rows)
+    final = config.paths.best_run
+    final_run = store.read_run(final) if final.exists() else None
+    states = {state.name: sum(1 for r in rows if r.state == state.name) for state in TrialState}
+    rank_hours = sum(r.rank_seconds for r in rows) / 3600
     gpus = config.section("resources")["gpus_per_node"]
-    template = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(
-        TEMPLATE
-    )
-    html = template.render(
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("hpcdl", "templates"),
+                                     autoescape=True, undefined=jinja2.StrictUndefined)
+    html = environment.get_template("report.html.j2").render(
         config=config,
         search=config.section("search"),
         rows=rows,
@@ -376,7 +358,7 @@ def render(config: Config, s: optuna.Study, rows: list[TrialRow]) -> Path:
         final=final_run,
         reproduce=reproduce_command(config, best_first[0]) if best_first else "",
         config_yaml=yaml.safe_dump(config.as_dict(), sort_keys=False),
-        versions=versions,
+        versions=first_versions(config, rows),
         directions=[d.name.lower() for d in s.directions],
         scaling=scaling,
         fmt=_fmt,
@@ -398,110 +380,14 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def report(config: Config) -> Path:
+    """Draw every figure the sweep allows, then write report.html around them."""
     s, rows = collect(config)
-    out = render(config, s, rows)
+    try:
+        scaling = store.read_scaling(config.paths.scaling_h5)
+    except ValueError as exc:  # a foreign file where scaling.h5 belongs: the user's to fix
+        raise UserError(str(exc)) from exc
+    top = curve_trials(rows, ranked(config, rows))
+    figures = make_figures(config, s, rows, top, scaling)
+    out = render(config, s, rows, figures, scaling)
     log.info("report: %s", out)
     return out
-
-
-TEMPLATE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<title>hpcdl sweep {{ config.name }}</title>
-<style>
- body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}
- h1{margin-bottom:.1em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
- table{border-collapse:collapse;font-size:.88em;margin:.5em 0}
- th,td{border:1px solid #ddd;padding:.25em .55em;text-align:right}
- th{background:#f3f3f3;cursor:pointer} td.l,th.l{text-align:left}
- .warn{background:#fff3cd;border:1px solid #e0c060;padding:.6em 1em}
- .cards{display:flex;gap:1em;flex-wrap:wrap} .card{border:1px solid #ddd;padding:.6em 1em;
- border-radius:6px;min-width:9em} .card b{font-size:1.4em;display:block}
- img{max-width:100%;border:1px solid #eee;margin:.4em 0} code,pre{background:#f6f6f6}
- pre{padding:.6em;overflow-x:auto;font-size:.85em} .muted{color:#777}
-</style></head><body>
-<h1>Sweep <code>{{ config.name }}</code></h1>
-<p class="muted">{{ rows|length }} trials · {{ search.sampler }} sampler · {{ search.pruner }}
-pruner · objective: {{ directions|join(", ") }} {{ search.metric }}
-{%- if search.second_objective %} and {{ search.second_objective.metric }}{% endif %}
-· hpcdl {{ hpcdl_version }}</p>
-
-<h2>Best model</h2>
-{% if best %}
-<div class="cards">
- <div class="card">{{ search.metric }}<b>{{ fmt(best.values[0]) }}</b>trial #{{ best.number }},
- epoch {{ best.best_epoch }}</div>
- <div class="card">test accuracy<b>{{ fmt(best.test_accuracy) }}</b>trial's own model</div>
- {% if final %}<div class="card">final retrain (train+val)<b>{{ fmt(final.test.get("accuracy"))
- }}</b>test accuracy</div>{% endif %}
- <div class="card">parameters<b>{{ "{:,}".format(best.n_params or 0) }}</b>{{
- config.params.family }}</div>
-</div>
-<table><tr><th class="l">parameter</th><th>value</th></tr>
-{% for k, v in best.params.items() %}<tr><td class="l">{{ k }}</td><td>{{ fmt(v) }}</td></tr>
-{% endfor %}</table>
-<p>How sure are we? The next best trials reached
-{% for r in best_first[1:4] %}{{ fmt(r.values[0]) }}{% if not loop.last %}, {% endif %}{% endfor
-%}{% if best_first|length < 2 %} — no other complete trial to compare with{% endif %}.
-Reproduce this trial:</p>
-<pre>{{ reproduce }}</pre>
-{% else %}
-<p class="warn"><b>No trial completed.</b> {{ states.FAIL }} failed, {{ states.PRUNED }} pruned,
-{{ states.RUNNING }} still running. The failure reasons are in the table below.</p>
-{% endif %}
-
-<h2>Top trials</h2>
-<p class="muted">Click a column to sort.</p>
-<table id="trials"><thead><tr><th>#</th><th class="l">state</th>
-{% for p in params %}<th>{{ p }}</th>{% endfor %}<th>value</th>
-{% if search.second_objective %}<th>{{ search.second_objective.metric }}</th>{% endif %}
-<th>best epoch</th><th>epochs</th><th>samples/s</th><th>rank·s</th><th class="l">note</th>
-</tr></thead><tbody>
-{% for r in rows %}<tr><td>{{ r.number }}</td><td class="l">{{ r.state }}</td>
-{% for p in params %}<td>{{ fmt(r.params.get(p)) }}</td>{% endfor %}
-<td>{{ fmt(r.values[0]) if r.values else "-" }}</td>
-{% if search.second_objective %}<td>{{ fmt(r.values[1]) if r.values else "-" }}</td>{% endif %}
-<td>{{ fmt(r.best_epoch) }}</td><td>{{ r.epochs_run }}</td><td>{{ fmt(r.samples_per_second, 3)
-}}</td><td>{{ fmt(r.rank_seconds, 3) }}</td>
-<td class="l">{{ r.fail_reason or (r.file_status if r.file_status != "ok" else "") }}</td></tr>
-{% endfor %}</tbody></table>
-
-<h2>What mattered</h2>
-{% for key, title in [("history", "Optimisation history (best so far)"),
- ("importances", "Parameter importances"), ("slice", "Slice plots"),
- ("parallel", "Parallel coordinates"), ("pareto", "Pareto front")] %}
-{% if key in figures %}<h3>{{ title }}</h3>
-<img alt="{{ title }}" src="{{ figures[key] }}">{% endif %}
-{% endfor %}
-{% if not figures %}<p class="muted">Not enough complete trials to draw.</p>{% endif %}
-
-<h2>Learning curves</h2>
-{% if "curves" in figures %}<img alt="learning curves" src="{{ figures.curves }}">{% endif %}
-{% if "intermediate" in figures %}<h3>Reported {{ search.metric }} per epoch, all trials
-(pruned ones stop early)</h3><img alt="intermediate values" src="{{ figures.intermediate }}">
-{% endif %}
-
-<h2>Compute</h2>
-<div class="cards">
-{% for state, n in states.items() %}{% if n %}<div class="card">{{ state.lower() }}<b>{{ n
-}}</b>trials</div>{% endif %}{% endfor %}
- <div class="card">rank-hours<b>{{ fmt(rank_hours, 3) }}</b>{% if gpu_hours %}{{ fmt(gpu_hours, 3)
- }} GPU-hours{% else %}CPU{% endif %}</div>
-</div>
-{% if scaling %}<h3>Scaling</h3><img alt="scaling" src="{{ figures.scaling }}">{% endif %}
-
-<h2>Provenance</h2>
-<table>{% for k, v in versions.items() %}<tr><td class="l">{{ k }}</td><td class="l">{{ v }}</td>
-</tr>{% endfor %}</table>
-<details><summary>config</summary><pre>{{ config_yaml }}</pre></details>
-<script>
-document.querySelectorAll("#trials th").forEach((th, col) => th.addEventListener("click", () => {
-  const body = th.closest("table").tBodies[0], rows = Array.from(body.rows);
-  const key = r => { const t = r.cells[col].textContent.trim(), n = parseFloat(t);
-                     return isNaN(n) ? t : n; };
-  const dir = th.dataset.dir = th.dataset.dir === "desc" ? "asc" : "desc";
-  rows.sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (dir === "asc" ? 1 : -1));
-  rows.forEach(r => body.appendChild(r));
-}));
-</script>
-</body></html>
-"""

@@ -14,7 +14,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from hpcdl import store
@@ -51,15 +50,10 @@ def measure(config: Config, params: dict[str, Any], launcher: str, rank_exec: st
     ranks_, speed, seconds = (np.array(column) for column in zip(*rows, strict=True))
     speedup = speed / speed[0] * ranks_[0]
     out = config.paths.scaling_h5
-    with store.atomic_path(out) as tmp, h5py.File(tmp, "w") as handle:
-        handle.attrs.update({"format": "hpcdl-scaling", "params": str(params),
-                             "epochs": epochs, "launcher": launcher,
-                             "mode": "fixed per-rank batch (global batch grows with ranks)"})
-        handle["ranks"] = ranks_
-        handle["samples_per_second"] = speed
-        handle["epoch_seconds"] = seconds
-        handle["speedup"] = speedup
-        handle["efficiency"] = speedup / ranks_
+    store.write_scaling(out, {"params": str(params), "epochs": epochs, "launcher": launcher,
+                              "mode": "fixed per-rank batch (global batch grows with ranks)"},
+                        {"ranks": ranks_, "samples_per_second": speed, "epoch_seconds": seconds,
+                         "speedup": speedup, "efficiency": speedup / ranks_})
     for r, s, e in zip(ranks_, speed, speedup / ranks_, strict=True):
         log.info("scaling: %d ranks: %.0f samples/s, efficiency %.2f", r, s, e)
     return out

@@ -1,12 +1,17 @@
-"""`hpcdl status`: the sweep right now, as a terminal table (rich)."""
+"""`hpcdl status`: the sweep right now, as a terminal table (rich), JSON, or a live view;
+`hpcdl dashboard`: the same study in optuna-dashboard."""
 
 from __future__ import annotations
 
+import json
+import socket
+import time
 from collections import Counter
 from typing import Any
 
 from optuna.trial import TrialState
-from rich.console import Group
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
 
 from hpcdl import liveness, study
@@ -37,6 +42,7 @@ def snapshot(config: Config) -> dict[str, Any]:
 
 
 def render(snap: dict[str, Any]) -> Group:
+    """The snapshot as tables: counts by state, the running trials, the best so far."""
     summary = Table(title=f"sweep {snap['name']}: {snap['finished']} of {snap['n_trials']} "
                     f"trials finished, {snap['left']} left to start")
     for state in ("COMPLETE", "RUNNING", "PRUNED", "FAIL", "WAITING"):
@@ -64,3 +70,32 @@ def render(snap: dict[str, Any]) -> Group:
             best_table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
         parts.append(best_table)
     return Group(*parts)
+
+
+def as_json(config: Config) -> str:
+    """The snapshot for scripts."""
+    return json.dumps(snapshot(config), indent=2, default=str)
+
+
+def show(config: Config) -> None:
+    """Print the tables once."""
+    Console().print(render(snapshot(config)))
+
+
+def watch(config: Config, every: float) -> None:
+    """Redraw the tables every `every` seconds until Ctrl-C."""
+    with Live(render(snapshot(config)), refresh_per_second=1) as live:
+        while True:
+            time.sleep(every)
+            live.update(render(snapshot(config)))
+
+
+def dashboard(config: Config, host: str, port: int) -> None:
+    """Serve optuna-dashboard on the sweep's study until stopped; say how to reach it."""
+    import optuna_dashboard
+
+    print(f"optuna-dashboard for sweep {config.name} ({config.storage_url}) at "
+          f"http://{host}:{port}/\nfrom your laptop: ssh -L {port}:localhost:"
+          f"{port} {socket.gethostname()}  then open http://localhost:{port}/",
+          flush=True)
+    optuna_dashboard.run_server(study.open_storage(config), host=host, port=port)

@@ -94,3 +94,68 @@ def merge_epochs(
     for key, value in epoch.items():
         merged.setdefault(key, []).append(float(value))
     return merged
+
+
+# ---------------------------------------------------------------- summary and scaling files
+#
+# Summary file (`hpcdl aggregate`):
+#   attributes: format=hpcdl-summary, study, hpcdl_version, config (JSON)
+#   /trials/<column>: one value per trial (the columns of summary.csv; text columns as strings)
+#   /curves/<trial number>/<metric>: that trial's per-epoch curve
+# Scaling file (`hpcdl scaling`):
+#   attributes: format=hpcdl-scaling, params, epochs, launcher, mode
+#   /ranks, /samples_per_second, /epoch_seconds, /speedup, /efficiency: one value per rank count
+
+SUMMARY_FORMAT = "hpcdl-summary"
+SCALING_FORMAT = "hpcdl-scaling"
+
+
+def _check_format(path: Path, handle: h5py.File, expected: str) -> None:
+    """A reader refuses a file of another layout instead of misreading it."""
+    found = handle.attrs.get("format")
+    if found != expected:
+        raise ValueError(f"{path}: not an {expected} file (format attribute {found!r})")
+
+
+def _summary_column(values: np.ndarray) -> np.ndarray:
+    """Text columns as HDF5 strings (missing -> ""), numbers as float64 (missing -> NaN)."""
+    if values.dtype == object:
+        return np.array(
+            ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+             for v in values],
+            dtype=h5py.string_dtype(),
+        )
+    return values.astype(np.float64)
+
+
+def write_summary(path: Path, attrs: Mapping[str, Any], columns: Mapping[str, np.ndarray],
+                  curves: Mapping[int, Mapping[str, list[float]]]) -> None:
+    """Write (replace) a summary file atomically: per-trial columns (text or numbers, None or NaN
+    when missing) and every trial's curves."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
+        handle.attrs.update({"format": SUMMARY_FORMAT, **attrs})
+        trials = handle.create_group("trials")
+        for name, values in columns.items():
+            trials[name] = _summary_column(values)
+        group = handle.create_group("curves")
+        for number, metrics in curves.items():
+            trial = group.create_group(str(number))
+            for metric, curve in metrics.items():
+                trial[metric] = np.asarray(curve, dtype=np.float64)
+
+
+def write_scaling(path: Path, attrs: Mapping[str, Any], columns: Mapping[str, np.ndarray]) -> None:
+    """Write (replace) a scaling file atomically: one row per rank count."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
+        handle.attrs.update({"format": SCALING_FORMAT, **attrs})
+        for name, values in columns.items():
+            handle[name] = values
+
+
+def read_scaling(path: Path) -> dict[str, np.ndarray] | None:
+    """The columns of a scaling file; None when the sweep has not been measured."""
+    if not path.exists():
+        return None
+    with h5py.File(path, "r") as handle:
+        _check_format(path, handle, SCALING_FORMAT)
+        return {key: handle[key][()] for key in handle}

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from hpcdl.config import Config
+from hpcdl import store
+from hpcdl.config import Config, require_container
 from hpcdl.errors import EXIT_INTERRUPTED, UserError
 
 log = logging.getLogger("hpcdl.submit")
@@ -103,16 +104,24 @@ srun --mpi=pmix --kill-on-bad-exit=1 {_run(f"hpcdl final --config {cfg}", contai
     return [prepare, workers, report]
 
 
+def preview(config: Config, container: str | None = None) -> str:
+    """The scripts as `hpcdl submit --dry-run` shows them, each under the path it would get."""
+    return "\n".join(f"# ---- {config.paths.sbatch_script(script.name)}\n{script.text}"
+                     for script in render(config, config.paths.config_file, container))
+
+
 def write(config: Config, container: str | None = None) -> tuple[Path, list[Path]]:
     """Write the validated config and the scripts under <sweep>/ and <sweep>/slurm/."""
     config.paths.slurm_dir.mkdir(parents=True, exist_ok=True)
     config.paths.logs_dir.mkdir(parents=True, exist_ok=True)
     config_file = config.paths.config_file
-    config_file.write_text(yaml.safe_dump(config.as_dict(), sort_keys=False))
+    with store.atomic_path(config_file) as tmp:
+        tmp.write_text(yaml.safe_dump(config.as_dict(), sort_keys=False))
     paths = []
     for script in render(config, config_file, container):
         path = config.paths.sbatch_script(script.name)
-        path.write_text(script.text)
+        with store.atomic_path(path) as tmp:
+            tmp.write_text(script.text)
         paths.append(path)
     return config_file, paths
 
@@ -131,9 +140,8 @@ def sbatch(script: Path, *options: str) -> str:
 
 def submit(config: Config, container: str | None = None) -> dict[str, str]:
     """Write and submit prepare (if needed), the worker array and the dependent report job."""
-    if container is not None and not Path(container).is_file():
-        raise UserError(f"resources.container: {container} does not exist (build it: "
-                        "apptainer build hpcdl.sif containers/hpcdl.def)")
+    if container is not None:
+        require_container(container, config.origin)
     _, (prepare, workers, report) = write(config, container)
     ids: dict[str, str] = {}
     dependency: list[str] = []
