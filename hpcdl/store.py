@@ -92,16 +92,6 @@ def read_run(path: Path) -> RunRecord:
     return RunRecord(attrs, epochs, test)
 
 
-def merge_epochs(
-    history: Mapping[str, list[float]], epoch: Mapping[str, float]
-) -> dict[str, list[float]]:
-    """Append one epoch's metrics to a history of lists."""
-    merged = {k: list(v) for k, v in history.items()}
-    for key, value in epoch.items():
-        merged.setdefault(key, []).append(float(value))
-    return merged
-
-
 # ---------------------------------------------------------------- checkpoints of a run file
 
 
@@ -158,3 +148,13 @@ def move_checkpoint(source_run: Path, target_run: Path) -> bool:
     shutil.rmtree(target, ignore_errors=True)
     source.rename(target)
     return True
+
+
+def merge_epochs(
+    history: Mapping[str, list[float]], epoch: Mapping[str, float]
+) -> dict[str, list[float]]:
+    """Append one epoch's metrics to a history of lists."""
+    merged = {k: list(v) for k, v in history.items()}
+    for key, value in epoch.items():
+        merged.setdefault(key, []).append(float(value))
+    return merged
