@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,82 +53,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.set)
     out = Path(args.out) if args.out else cfg.paths.run_file(cfg.name)
     result = train.train(cfg, out)
-    if result.stop_reason == train.INTERRUPTED:
+    if result.stop_reason == train.StopReason.INTERRUPTED:
         return EXIT_INTERRUPTED
-    if result.stop_reason.startswith("failed"):
+    if result.stop_reason.failed:
         log.error("%s: run failed (%s) at epoch %d", out, result.stop_reason, result.n_epochs)
         return EXIT_FAILED
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from hpcdl import config, data, study
+    from hpcdl import config, data, worker
 
     cfg = config.load(args.config, args.set)
     # a missing or foreign dataset is one error here, not every trial of the study failing
     data.dataset_info(cfg.dataset_file)
-    outcome = study.Worker(cfg, args.worker_id).run()
-    return EXIT_INTERRUPTED if outcome == "interrupted" else 0
+    outcome = worker.Worker(cfg, args.worker_id).run()
+    return EXIT_INTERRUPTED if outcome == worker.WorkerOutcome.INTERRUPTED else 0
 
 
 def cmd_storage_serve(args: argparse.Namespace) -> int:
-    import optuna
-
     from hpcdl import config, study
 
     cfg = config.load(args.config, args.set)
     backend = study.open_storage(cfg, args.backend)
-    if args.port is None:
-        url = cfg.storage_url
-        if not url.startswith("grpc://"):
-            raise UserError(
-                f"{args.config}: storage is {url!r}; give --port, or set storage to "
-                "grpc://HOST:PORT so workers know where to connect"
-            )
-        args.port = int(url.rpartition(":")[2])
+    port = study.grpc_port(cfg, args.port)
     log.info(
         "serving %s (study %s) on %s:%d for grpc:// workers; Ctrl-C stops",
         args.backend or "the sweep's journal",
         cfg.name,
         args.host,
-        args.port,
+        port,
     )
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    # explicit handlers: a shell starts background jobs with SIGINT ignored (so did CI's), and
-    # SIGTERM is what Slurm and `kill` send
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop)
-    pool = ThreadPoolExecutor(max_workers=10)
-    try:
-        optuna.storages.run_grpc_proxy_server(
-            backend, host=args.host, port=args.port, thread_pool=pool)
-    except KeyboardInterrupt:
-        log.info("stopping: finishing the storage calls in flight")
-        pool.shutdown(wait=True, cancel_futures=True)
-        logging.shutdown()
-        # every storage call has finished: leave without waiting for gRPC's own teardown
-        os._exit(0)
+    study.serve_grpc_proxy(backend, args.host, port)
     return 0
 
 
 def cmd_final(args: argparse.Namespace) -> int:
-    from hpcdl import config, parallel, study, train
+    from hpcdl import config, train, worker
 
-    cfg = config.load(args.config, args.set)
-    ranks = parallel.init(cfg.params["intra_op_threads"])
-    logs.configure(ranks.rank, ranks.size, ranks.host)
-    best = parallel.broadcast_object(
-        parallel.on_root(lambda: study.best_trial(cfg), "final.best"), "final.params")
-    number, params = best
-    seed = study.trial_seed(cfg.section("search")["seed"], number)
-    if ranks.is_root:
-        log.info("retraining trial %d's params on train+val: %s", number, params)
-    result = train.train(cfg.with_params({**params, "seed": seed}), cfg.paths.best_run,
-                         run_attrs={"study": cfg.name, "best_trial": number},
-                         fit_on_val=True, save_model=cfg.paths.best_model)
-    return EXIT_INTERRUPTED if result.stop_reason == train.INTERRUPTED else 0
+    result = worker.retrain_best(config.load(args.config, args.set))
+    return EXIT_INTERRUPTED if result.stop_reason == train.StopReason.INTERRUPTED else 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

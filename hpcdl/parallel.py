@@ -2,7 +2,8 @@
 
 Follows Horovod's Keras recipe (init, pin GPU by local rank, scale the learning rate, wrap the
 optimizer, broadcast from rank 0, average metrics), wrapped so the rest of hpcdl asks one object
-for rank / size / local rank / job id whether launched by mpirun, srun or plain python.
+(`Ranks`) for rank / size / local rank / job id whether launched by mpirun, srun or plain
+python. Also what the stack is (`versions`, `horovod_build`), as only this module may ask Horovod.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from hpcdl import __version__
 from hpcdl.errors import UserError
 
 LR_SCALING_RULES = ("linear", "sqrt", "none")
@@ -24,19 +26,24 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class Launch:
-    """The rank layout a launcher announced in the environment, readable before MPI starts."""
+class Ranks:
+    """This process's place in the job: as the launcher announced it in the environment
+    (`detect_launch`, readable before MPI starts), then as Horovod sees it after `init`."""
 
-    launcher: str  # "mpirun", "srun" or "single"
     rank: int
     size: int
     local_rank: int
     local_size: int
+    launcher: str  # "mpirun", "srun", "pmix" or "single"
     job_id: str | None
     host: str
 
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
 
-def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
+
+def detect_launch(env: Mapping[str, str] | None = None) -> Ranks:
     """Read rank variables of Open MPI, Slurm's srun (PMIx) or none (one process)."""
     env = os.environ if env is None else env
     job_id = env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID")
@@ -44,47 +51,30 @@ def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
         job_id = f"{job_id}_{env['SLURM_ARRAY_TASK_ID']}"
     host = env.get("SLURMD_NODENAME") or socket.gethostname()  # Slurm's name for the node
     if "OMPI_COMM_WORLD_RANK" in env:
-        return Launch(
-            "mpirun",
+        return Ranks(
             int(env["OMPI_COMM_WORLD_RANK"]),
             int(env["OMPI_COMM_WORLD_SIZE"]),
             int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
             int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)),
+            "mpirun",
             job_id,
             host,
         )
     # SLURM_STEP_NUM_TASKS exists only inside an srun step, not in the batch script itself.
     if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
         local_size = int(env.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0])
-        return Launch(
-            "srun",
+        return Ranks(
             int(env["SLURM_PROCID"]),
             int(env["SLURM_STEP_NUM_TASKS"]),
             int(env.get("SLURM_LOCALID", 0)),
             local_size,
+            "srun",
             job_id,
             host,
         )
     if "PMIX_RANK" in env and "PMIX_SIZE" in env:
-        return Launch("pmix", int(env["PMIX_RANK"]), int(env["PMIX_SIZE"]), 0, 1, job_id, host)
-    return Launch("single", 0, 1, 0, 1, job_id, host)
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in the job, as Horovod sees it after init."""
-
-    rank: int
-    size: int
-    local_rank: int
-    local_size: int
-    launcher: str
-    job_id: str | None
-    host: str
-
-    @property
-    def is_root(self) -> bool:
-        return self.rank == 0
+        return Ranks(int(env["PMIX_RANK"]), int(env["PMIX_SIZE"]), 0, 1, "pmix", job_id, host)
+    return Ranks(0, 1, 0, 1, "single", job_id, host)
 
 
 def quiet_idle_waits(env: MutableMapping[str, str], cores: int, local_ranks: int) -> None:
@@ -286,6 +276,23 @@ def allgather_object(obj: Any, name: str) -> list[Any]:
     import horovod.tensorflow as hvd
 
     return hvd.allgather_object(obj, name=name)
+
+
+def versions() -> dict[str, str]:
+    """The versions of the stack this rank trains with (recorded in every run file)."""
+    import horovod
+    import tensorflow as tf
+    import tf_keras
+    from mpi4py import MPI
+
+    return {
+        "hpcdl": __version__,
+        "python": sys.version.split()[0],
+        "tensorflow": tf.__version__,
+        "keras": tf_keras.__version__,
+        "horovod": horovod.__version__,
+        "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+    }
 
 
 def horovod_build() -> dict[str, Any]:

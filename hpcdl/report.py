@@ -73,8 +73,8 @@ def trial_row(config: Config, trial: FrozenTrial) -> TrialRow:
     curve = run.epochs.get(metric, []) if run else []
     best_epoch = None
     if curve:
-        pick = np.nanargmax if config.section("search")["direction"] == "maximize" else np.nanargmin
-        best_epoch = int(pick(curve)) + 1 if not np.all(np.isnan(curve)) else None
+        better = study.objective_sign(config) * np.asarray(curve)  # the best epoch is the max
+        best_epoch = int(np.nanargmax(better)) + 1 if not np.all(np.isnan(curve)) else None
     speeds = run.epochs.get("samples_per_second", [])[1:] if run else []  # epoch 1 traces
     return TrialRow(
         number=trial.number,
@@ -306,9 +306,9 @@ def _data_uri(png: Path) -> str:
 
 def ranked(config: Config, rows: list[TrialRow]) -> list[TrialRow]:
     """Complete trials, best first."""
-    sign = -1 if config.section("search")["direction"] == "maximize" else 1
+    sign = study.objective_sign(config)
     return sorted(
-        (r for r in rows if r.state == "COMPLETE" and r.values), key=lambda r: sign * r.values[0]
+        (r for r in rows if r.state == "COMPLETE" and r.values), key=lambda r: -sign * r.values[0]
     )  # type: ignore[index]
 
 

@@ -1,4 +1,4 @@
-"""HDF5 layouts of run (trial) files; atomic writes; readers.
+"""HDF5 layouts of run (trial) files and their checkpoints; atomic writes; readers.
 
 Run file (one training run or one trial), readable with h5dump:
   attributes: format=hpcdl-run, study, trial_number, state, stop_reason, params (JSON), seed,
@@ -7,12 +7,15 @@ Run file (one training run or one trial), readable with h5dump:
               epoch_seconds, samples_per_second, learning_rate, elapsed_seconds: wall
               seconds since the run began at the end of the epoch, validation included)
   /test/<metric>: scalars, present when the run evaluated on test
+Checkpoint of a run file X: directory X.ckpt/epoch-<NNNNN>/ with the TensorFlow checkpoint of
+  model and optimizer (state*) and the run file as of that epoch (history.h5); only the newest.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,10 +31,13 @@ JSON_ATTRS = ("params", "hosts", "versions", "config", "train_shards", "weights_
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; rename it over `path` only if the block succeeds."""
+def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; rename it over `path` only if the block succeeds.
+
+    suffix: ends the temporary name, for writers that choose the format by it (Keras).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -84,6 +90,64 @@ def read_run(path: Path) -> RunRecord:
         epochs = {k: handle["epochs"][k][()].tolist() for k in handle["epochs"]}
         test = {k: float(handle["test"][k][()]) for k in handle["test"]}
     return RunRecord(attrs, epochs, test)
+
+
+# ---------------------------------------------------------------- checkpoints of a run file
+
+
+def checkpoint_dir(run_file: Path) -> Path:
+    """Where a run's per-epoch checkpoints live: beside its run file."""
+    return run_file.with_name(run_file.name + ".ckpt")
+
+
+def save_checkpoint(run_file: Path, model: Any, epoch: int, record: RunRecord) -> None:
+    """Rank 0: write epoch `epoch`'s state to a temporary dir, rename it, drop older epochs."""
+    import tensorflow as tf
+
+    ckpt_dir = checkpoint_dir(run_file)
+    final = ckpt_dir / f"epoch-{epoch:05d}"
+    tmp = ckpt_dir / f".epoch-{epoch:05d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(tmp / "state"))
+    write_run(tmp / "history.h5", record)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for older in ckpt_dir.glob("epoch-*"):
+        if older != final:
+            shutil.rmtree(older, ignore_errors=True)
+
+
+def load_checkpoint(run_file: Path, model: Any) -> tuple[int, dict[str, list[float]], float]:
+    """Restore the newest complete epoch checkpoint; (epochs done, history, wall seconds so far)."""
+    import tensorflow as tf
+
+    ckpt_dir = checkpoint_dir(run_file)
+    done = sorted(ckpt_dir.glob("epoch-*")) if ckpt_dir.is_dir() else []
+    if not done:
+        return 0, {}, 0.0
+    latest = done[-1]
+    tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(
+        str(latest / "state")
+    ).expect_partial()
+    record = read_run(latest / "history.h5")
+    return record.n_epochs, record.epochs, float(record.attrs.get("wall_seconds", 0.0))
+
+
+def drop_checkpoint(run_file: Path) -> None:
+    """Forget a run's checkpoints (the run ended and will not be resumed)."""
+    shutil.rmtree(checkpoint_dir(run_file), ignore_errors=True)
+
+
+def move_checkpoint(source_run: Path, target_run: Path) -> bool:
+    """Hand `source_run`'s checkpoints to `target_run` (a re-run); False if it has none."""
+    source = checkpoint_dir(source_run)
+    if not source.is_dir():
+        return False
+    target = checkpoint_dir(target_run)
+    shutil.rmtree(target, ignore_errors=True)
+    source.rename(target)
+    return True
 
 
 def merge_epochs(

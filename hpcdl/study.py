@@ -1,19 +1,21 @@
-"""Optuna: storage from URL, sampler/pruner, search space, and the rank-synchronised worker loop.
+"""Optuna only: storage from URL (and the gRPC proxy serving it), sampler/pruner, search space ->
+params, the trial budget, the best trial, stale-trial recovery.
 
-Only rank 0 of a worker talks to the study. It asks for a trial, broadcasts the params, and
-after each epoch reports the rank-averaged metric and broadcasts the prune decision, so every
-rank stops at the same epoch. W workers share one study and one budget: `search.n_trials`
-finished trials in the whole study, not per worker.
+W workers share one study and one budget: `search.n_trials` finished trials in the whole study,
+not per worker. The worker loop that uses all this is worker.py; readers (report, status) import
+this module without loading any training code. Optuna's private API is used in two helpers
+only, `storage_of` and `trial_id`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import shutil
+import os
+import signal
 import time
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +24,7 @@ import optuna
 from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from hpcdl import liveness, logs, parallel, train
+from hpcdl import liveness
 from hpcdl.config import Config
 from hpcdl.errors import ConfigError, UserError
 
@@ -34,6 +36,23 @@ FAIL_REASON = "hpcdl:fail_reason"
 SURPLUS = "hpcdl:surplus"
 TRIAL_FILE = "hpcdl:trial_file"
 MAX_RETRIES = 3
+
+
+# ---------------------------------------------------------------- Optuna's private API
+
+
+def storage_of(study: optuna.Study) -> BaseStorage:
+    """The study's storage (private: `Study._storage`). The public API cannot set a trial's
+    system attributes (Trial.set_system_attr, deprecated in Optuna 3.1, no longer exists), fail
+    a trial that another process owns, or read one trial; the storage can, and the heartbeat
+    writes through it."""
+    return study._storage
+
+
+def trial_id(trial: Trial | FrozenTrial) -> int:
+    """The storage's key of a trial (private: `_trial_id`). Every storage method takes it; the
+    public API offers only the trial's number, which the storage cannot look up by itself."""
+    return trial._trial_id
 
 
 # ---------------------------------------------------------------- storage, sampler, pruner
@@ -210,6 +229,41 @@ def open_study(
     return study
 
 
+def grpc_port(config: Config, port: int | None) -> int:
+    """The port `hpcdl storage serve` listens on: the given one, else the config's grpc:// URL's."""
+    if port is not None:
+        return port
+    url = config.storage_url
+    if not url.startswith("grpc://"):
+        raise UserError(
+            f"{config.origin}: storage is {url!r}; give --port, or set storage to "
+            "grpc://HOST:PORT so workers know where to connect"
+        )
+    return int(url.rpartition(":")[2])
+
+
+def serve_grpc_proxy(storage: BaseStorage, host: str, port: int) -> None:
+    """Optuna's gRPC proxy in front of `storage` until SIGINT/SIGTERM; then the storage calls in
+    flight finish and the process ends at once."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # explicit handlers: a shell starts background jobs with SIGINT ignored (so did CI's), and
+    # SIGTERM is what Slurm and `kill` send
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    pool = ThreadPoolExecutor(max_workers=10)
+    try:
+        optuna.storages.run_grpc_proxy_server(storage, host=host, port=port, thread_pool=pool)
+    except KeyboardInterrupt:
+        log.info("stopping: finishing the storage calls in flight")
+        pool.shutdown(wait=True, cancel_futures=True)
+        logging.shutdown()
+        # every storage call has finished: leave without waiting for gRPC's own teardown
+        os._exit(0)
+
+
 # ---------------------------------------------------------------- budget
 
 
@@ -279,19 +333,19 @@ def is_surplus(study: optuna.Study, trial: Trial, config: Config) -> bool:
 # ---------------------------------------------------------------- recovery
 
 
-def fail_and_retry(study: optuna.Study, trial_id: int, reason: str) -> bool:
+def fail_and_retry(study: optuna.Study, trial: Trial | FrozenTrial, reason: str) -> bool:
     """Mark a trial FAILED with `reason` and enqueue its params again (at most MAX_RETRIES).
 
     Returns False if another worker got there first (the state change is atomic).
     """
-    storage = study._storage
+    storage, key = storage_of(study), trial_id(trial)
     try:
-        storage.set_trial_system_attr(trial_id, FAIL_REASON, reason)
-        if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+        storage.set_trial_system_attr(key, FAIL_REASON, reason)
+        if not storage.set_trial_state_values(key, state=TrialState.FAIL):
             return False
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
-    failed = storage.get_trial(trial_id)
+    failed = storage.get_trial(key)
     RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES, inherit_intermediate_values=True)(
         study, failed
     )
@@ -300,7 +354,7 @@ def fail_and_retry(study: optuna.Study, trial_id: int, reason: str) -> bool:
 
 def recover_stale_trials(study: optuna.Study, config: Config) -> list[int]:
     """Fail RUNNING trials whose worker is gone and enqueue them again; their numbers."""
-    if liveness.uses_optuna_heartbeat(study._storage):
+    if liveness.uses_optuna_heartbeat(storage_of(study)):
         before = {t.number for t in study.get_trials(states=(TrialState.RUNNING,))}
         optuna.storages.fail_stale_trials(study)
         after = {t.number for t in study.get_trials(states=(TrialState.FAIL,))}
@@ -309,13 +363,13 @@ def recover_stale_trials(study: optuna.Study, config: Config) -> list[int]:
     stale_after = config.section("search")["stale_after_s"]
     for trial in study.get_trials(states=(TrialState.RUNNING,)):
         reason = liveness.stale_reason(trial, stale_after)
-        if reason and fail_and_retry(study, trial._trial_id, f"worker lost: {reason}"):
+        if reason and fail_and_retry(study, trial, f"worker lost: {reason}"):
             log.warning("trial %d: %s; marked FAILED and enqueued again", trial.number, reason)
             recovered.append(trial.number)
     return recovered
 
 
-# ---------------------------------------------------------------- the worker
+# ---------------------------------------------------------------- trials and the objective
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -323,173 +377,10 @@ def trial_seed(study_seed: int, number: int) -> int:
     return int(np.random.SeedSequence([study_seed, number]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def objective_values(config: Config, result: train.RunResult) -> list[float]:
-    """Best epoch's value of the metric (in its direction); plus the second objective."""
-    search = config.section("search")
-    curve = result.epochs[search["metric"]]
-    best = max(curve) if search["direction"] == "maximize" else min(curve)
-    values = [best]
-    second = search["second_objective"]
-    if second:
-        metric = second["metric"]
-        if metric == "n_params":
-            values.append(float(result.n_params))
-        elif metric == "wall_seconds":
-            values.append(result.wall_seconds)
-        else:
-            values.append(float(np.median(result.epochs[metric])))
-    return values
-
-
-@dataclass
-class Plan:
-    """What rank 0 tells every rank before a trial (or None: the sweep is over)."""
-
-    number: int
-    params: dict[str, Any]
-    seed: int
-    resume_from: int | None
-
-
-class Worker:
-    """One worker: a multi-rank job pulling trials from the shared study until the budget ends."""
-
-    def __init__(self, config: Config, worker_id: int) -> None:
-        self.config = config
-        self.worker_id = worker_id
-        self.ranks = parallel.init(config.params["intra_op_threads"])
-        logs.configure(self.ranks.rank, self.ranks.size, self.ranks.host)
-        self.study: optuna.Study | None = None
-        self.trial: Trial | None = None
-        self.study = parallel.on_root(lambda: open_study(config, worker_id), "worker.open")
-
-    def next_plan(self) -> Plan | None:
-        """Rank 0: recover stale trials, check the budget, ask. Others: None."""
-        assert self.study is not None
-        recover_stale_trials(self.study, self.config)
-        while (over := budget_left(self.study, self.config)) is None:
-            trial = self.study.ask()
-            storage = self.study._storage
-            for key, value in liveness.owner_attrs(self.worker_id, self.ranks.job_id).items():
-                if key != liveness.HEARTBEAT or not liveness.uses_optuna_heartbeat(storage):
-                    storage.set_trial_system_attr(trial._trial_id, key, value)
-            if is_surplus(self.study, trial, self.config):
-                storage.set_trial_system_attr(trial._trial_id, SURPLUS, True)
-                storage.set_trial_system_attr(
-                    trial._trial_id, FAIL_REASON, "surplus: other workers claimed the budget first"
-                )
-                self.study.tell(trial, state=TrialState.FAIL)
-                continue
-            params = suggest(trial, self.config.section("search")["space"])
-            frozen = storage.get_trial(trial._trial_id)
-            resume_from = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
-            trial_file = self.config.trial_file(trial.number)
-            trial.set_user_attr(TRIAL_FILE, str(trial_file))
-            self.trial = trial
-            if resume_from is not None:
-                self._adopt_checkpoint(resume_from, trial.number)
-            seed = trial_seed(
-                self.config.section("search")["seed"],
-                resume_from if resume_from is not None else trial.number,
-            )
-            return Plan(trial.number, params, seed, resume_from)
-        log.info("worker %d: no more trials (%s)", self.worker_id, over)
-        return None
-
-    def _adopt_checkpoint(self, old: int, new: int) -> None:
-        """A re-run continues from the failed trial's last finished epoch."""
-        source = train.checkpoint_dir(self.config.trial_file(old))
-        if source.is_dir():
-            target = train.checkpoint_dir(self.config.trial_file(new))
-            shutil.rmtree(target, ignore_errors=True)
-            source.rename(target)  # only one re-run adopts it: the retry is atomic
-            log.info("trial %d re-runs trial %d from its checkpoint", new, old)
-        else:
-            log.info("trial %d re-runs trial %d from the start (no checkpoint)", new, old)
-
-    def report(self, epoch: int, metrics: Mapping[str, float]) -> bool:
-        """Every rank: rank 0 reports the epoch and decides; all ranks get the same decision."""
-        prune = False
-        if self.ranks.is_root and len(directions(self.config)) == 1:
-            assert self.trial is not None
-            value = metrics[self.config.section("search")["metric"]]
-            if math.isfinite(value):
-                self.trial.report(value, epoch + 1)
-                prune = self.trial.should_prune()
-        return bool(parallel.broadcast_object(prune, f"prune.{epoch}"))
-
-    def run_trial(self, plan: Plan) -> train.RunResult | None:
-        """Train the plan's params on all ranks; rank 0 tells the study how it ended."""
-        config = self.config.with_params({**plan.params, "seed": plan.seed})
-        out = self.config.trial_file(plan.number)
-        attrs = {
-            "study": self.config.name,
-            "trial_number": plan.number,
-            "worker_id": self.worker_id,
-            "resumed_from_trial": plan.resume_from,
-        }
-        if self.ranks.is_root:
-            log.info("trial %d: %s", plan.number, plan.params)
-        try:
-            if self.ranks.is_root:
-                assert self.study is not None and self.trial is not None
-                with liveness.heartbeat(
-                    self.study._storage,
-                    self.trial._trial_id,
-                    self.config.section("search")["heartbeat_s"],
-                ):
-                    result = train.train(config, out, on_epoch=self.report, run_attrs=attrs)
-            else:
-                result = train.train(config, out, on_epoch=self.report, run_attrs=attrs)
-        except UserError as exc:  # raised alike on every rank, before any collective
-            log.error("trial %d failed: %s", plan.number, exc)
-            if self.ranks.is_root:
-                self._tell(TrialState.FAIL, reason=f"error: {exc}")
-            return None
-        if self.ranks.is_root:
-            self._tell_result(result)
-        return result
-
-    def _tell_result(self, result: train.RunResult) -> None:
-        assert self.study is not None and self.trial is not None
-        reason = result.stop_reason
-        if reason == train.INTERRUPTED:
-            fail_and_retry(
-                self.study,
-                self.trial._trial_id,
-                "interrupted (SIGTERM/SIGUSR1): re-run from its checkpoint",
-            )
-        elif reason == train.PRUNED:
-            self._tell(TrialState.PRUNED)
-            log.info("trial %d: pruned after %d epochs", self.trial.number, result.n_epochs)
-        elif reason.startswith("failed"):
-            self._tell(TrialState.FAIL, reason=reason)
-            log.warning("trial %d: %s", self.trial.number, reason)
-        else:
-            self.study.tell(self.trial, objective_values(self.config, result))
-            log.info(
-                "trial %d: %s, value %s",
-                self.trial.number,
-                reason,
-                objective_values(self.config, result),
-            )
-
-    def _tell(self, state: TrialState, reason: str | None = None) -> None:
-        assert self.study is not None and self.trial is not None
-        if reason:
-            self.study._storage.set_trial_system_attr(self.trial._trial_id, FAIL_REASON, reason)
-        self.study.tell(self.trial, state=state)
-
-    def run(self) -> str:
-        """Pull trials until the budget is spent; returns 'done' or 'interrupted'."""
-        while True:
-            plan = self.next_plan() if self.ranks.is_root else None
-            plan = parallel.broadcast_object(plan, "worker.plan")
-            if plan is None:
-                return "done"
-            result = self.run_trial(plan)
-            if result is not None and result.stop_reason == train.INTERRUPTED:
-                return "interrupted"
+def objective_sign(config: Config) -> int:
+    """+1 if the (first) objective is maximised, -1 if minimised: `sign * value` grows as a
+    trial gets better, whichever the direction."""
+    return 1 if config.section("search")["direction"] == "maximize" else -1
 
 
 def best_complete(config: Config, trials: list[FrozenTrial]) -> FrozenTrial | None:
@@ -497,7 +388,7 @@ def best_complete(config: Config, trials: list[FrozenTrial]) -> FrozenTrial | No
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         return None
-    sign = 1 if config.section("search")["direction"] == "maximize" else -1
+    sign = objective_sign(config)
     return max(complete, key=lambda t: sign * t.values[0])
 
 

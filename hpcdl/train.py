@@ -1,10 +1,12 @@
 """One data-parallel training run: Horovod's Keras recipe plus what a sweep needs.
 
-Every rank reads its own shard of the dataset file, trains the same model (gradients averaged
-by Horovod), and evaluates its share of val/test; metrics are averaged over ranks (weighted by
-shard size). Rank 0 checkpoints every finished epoch and writes the run file. Each epoch's batch
-order derives from (seed, rank, epoch), so a resumed run sees the same batches as an
-uninterrupted one.
+`train()` reads like Horovod's Keras example: build the run (`build_run`), fit, finish. Every
+rank reads its own shard of the dataset file, trains the same model (gradients averaged by
+Horovod), and evaluates its share of val/test; metrics are averaged over ranks (weighted by
+shard size). After each epoch `RunProgress` validates, records and checkpoints (rank 0), and
+decides whether the run stops there. Each epoch's batch order derives from (seed, rank, epoch),
+so a resumed run sees the same batches as an uninterrupted one. The Keras callbacks are in
+callbacks.py, the run file and its checkpoints in store.py.
 """
 
 from __future__ import annotations
@@ -12,39 +14,46 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import resource
-import shutil
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hpcdl import __version__, data, logs, models, parallel, store
+from hpcdl import callbacks, data, logs, models, parallel, store
 from hpcdl.config import EPOCH_METRICS, Config
 from hpcdl.errors import UserError
 
 log = logging.getLogger("hpcdl.train")
 
-COMPLETED = "completed"
-EARLY_STOPPED = "early-stopped"
-PRUNED = "pruned"
-INTERRUPTED = "interrupted"
-FAILED_NON_FINITE = "failed: non-finite loss"
-RUNNING = "running"
-STOP_CHECK_BATCHES = 50
-PROGRESS_SECONDS = 1.0  # how often rank 0's progress bar reads the metrics and redraws
-BAR_FORMAT = ("{desc} {percentage:3.0f}% {n_fmt}/{total_fmt} "
-              "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+
+class StopReason(StrEnum):
+    """Why a run ended (or `running`): the run file's `stop_reason` attribute, as text."""
+
+    COMPLETED = "completed"
+    EARLY_STOPPED = "early-stopped"
+    PRUNED = "pruned"
+    INTERRUPTED = "interrupted"
+    FAILED_NON_FINITE = "failed: non-finite loss"
+    RUNNING = "running"
+
+    @property
+    def failed(self) -> bool:
+        return self is StopReason.FAILED_NON_FINITE
+
+    @property
+    def finished_training(self) -> bool:
+        """The model trained to its end: evaluate on test, save it."""
+        return self in (StopReason.COMPLETED, StopReason.EARLY_STOPPED)
+
 
 # A callback run on every rank after each epoch with the rank-averaged metrics; True = prune.
-# It must return the same answer on every rank (study.py broadcasts rank 0's decision).
+# It must return the same answer on every rank (worker.py broadcasts rank 0's decision).
 EpochHook = Callable[[int, Mapping[str, float]], bool]
 
 
@@ -52,7 +61,7 @@ EpochHook = Callable[[int, Mapping[str, float]], bool]
 class RunResult:
     """How a run ended and what it measured."""
 
-    stop_reason: str
+    stop_reason: StopReason
     epochs: dict[str, list[float]]
     test: dict[str, float]
     n_params: int
@@ -64,114 +73,15 @@ class RunResult:
         return len(self.epochs.get("loss", []))
 
 
-def checkpoint_dir(out: Path) -> Path:
-    """Where a run's per-epoch checkpoints live: beside its run file."""
-    return out.with_name(out.name + ".ckpt")
+@dataclass
+class Clock:
+    """Wall seconds of a run, the sessions before a resumption included."""
 
+    before: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
 
-class StopRequest:
-    """Set by SIGTERM / SIGUSR1 (Slurm's time-limit warning); checked after every batch."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_name = ""
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-
-    @contextmanager
-    def installed(self) -> Iterator[StopRequest]:
-        previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGUSR1)}
-        try:
-            yield self
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-
-def _make_stop_callback(stop: StopRequest) -> Any:
-    from tensorflow import keras
-
-    class AgreeOnStop(keras.callbacks.Callback):
-        """Stop all ranks after the same batch once any rank has been signalled."""
-
-        stopped = False
-
-        def __init__(self) -> None:
-            super().__init__()
-            # This hook reads no metrics: without this flag Keras would copy the logs to NumPy
-            # after every batch, a sync that cost ~20 % of an epoch (benchmarks/RESULTS.md).
-            self._supports_tf_logs = True
-
-        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            # MPI agreement every STOP_CHECK_BATCHES batches: every batch, its busy-wait cost
-            # a large share of a CPU epoch; the epoch's end is checked in train() as well.
-            if (batch + 1) % STOP_CHECK_BATCHES == 0 and parallel.any_rank(stop.requested):
-                self.stopped = True
-                self.model.stop_training = True
-
-    return AgreeOnStop()
-
-
-def _make_progress_callback(where: str, epochs: int, steps: int) -> Any:
-    """Rank 0's progress bar, reading the metrics once a second. Keras' own bar (verbose=1)
-    copies them to NumPy after every batch, a sync per step; and under mpirun every rank's
-    stdout is a pseudo-terminal, so that bar also ran in every batch job's log."""
-    from tensorflow import keras
-    from tqdm import tqdm
-
-    class EpochProgress(keras.callbacks.Callback):
-        """One bar per epoch, named after the rank; the epoch's log line stays, the bar not."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self._supports_tf_logs = True  # logs stay tensors; read only when redrawn
-            self.bar: Any = None
-            self.drawn = 0.0
-
-        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-            # mpirun's pseudo-terminal reports a 0 x 0 screen, on which tqdm draws nothing
-            columns, lines = shutil.get_terminal_size(fallback=(120, 24))
-            self.bar = tqdm(total=steps, desc=f"[{where}] epoch {epoch + 1}/{epochs}",
-                            unit="step", leave=False, mininterval=PROGRESS_SECONDS,
-                            file=sys.stdout, ncols=columns, nrows=lines, bar_format=BAR_FORMAT)
-            self.drawn = time.monotonic()
-
-        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            now = time.monotonic()
-            if now - self.drawn >= PROGRESS_SECONDS:
-                self.drawn = now
-                metrics = {k: f"{float(v):.4f}" for k, v in (logs or {}).items()}
-                self.bar.set_postfix(metrics, refresh=False)
-                self.bar.update(batch + 1 - self.bar.n)
-
-        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            self.bar.close()
-
-    return EpochProgress()
-
-
-def _make_epoch_callback(end_of_epoch: Callable[[int, Mapping[str, float], float], str | None]
-                         ) -> Any:
-    from tensorflow import keras
-
-    class EpochEnd(keras.callbacks.Callback):
-        """Times each epoch's training and hands it to `end_of_epoch`; stops the fit when
-        that returns a stop reason (kept in `reason`)."""
-
-        reason: str | None = None
-
-        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-            self.began = time.perf_counter()
-
-        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            seconds = time.perf_counter() - self.began
-            self.reason = end_of_epoch(epoch, logs or {}, seconds)
-            if self.reason is not None:
-                self.model.stop_training = True
-
-    return EpochEnd()
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.started
 
 
 def make_optimizer(params: Mapping[str, Any], learning_rate: float) -> Any:
@@ -277,64 +187,12 @@ def weights_digest(model: Any) -> str:
     return digest.hexdigest()
 
 
-def versions() -> dict[str, str]:
-    import horovod
-    import tensorflow as tf
-    import tf_keras
-    from mpi4py import MPI
-
-    return {
-        "hpcdl": __version__,
-        "python": sys.version.split()[0],
-        "tensorflow": tf.__version__,
-        "keras": tf_keras.__version__,
-        "horovod": horovod.__version__,
-        "mpi": MPI.Get_library_version().splitlines()[0].strip(),
-    }
-
-
-def _load_checkpoint(out: Path, model: Any) -> tuple[int, dict[str, list[float]], float]:
-    """Restore the newest complete epoch checkpoint; (epochs done, history, wall seconds so far)."""
-    import tensorflow as tf
-
-    ckpt_dir = checkpoint_dir(out)
-    done = sorted(ckpt_dir.glob("epoch-*")) if ckpt_dir.is_dir() else []
-    if not done:
-        return 0, {}, 0.0
-    latest = done[-1]
-    tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(
-        str(latest / "state")
-    ).expect_partial()
-    record = store.read_run(latest / "history.h5")
-    return record.n_epochs, record.epochs, float(record.attrs.get("wall_seconds", 0.0))
-
-
-def _save_checkpoint(out: Path, model: Any, epoch: int, record: store.RunRecord) -> None:
-    """Rank 0: write epoch `epoch`'s state to a temporary dir, rename it, drop older epochs."""
-    import tensorflow as tf
-
-    ckpt_dir = checkpoint_dir(out)
-    final = ckpt_dir / f"epoch-{epoch:05d}"
-    tmp = ckpt_dir / f".epoch-{epoch:05d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(tmp / "state"))
-    store.write_run(tmp / "history.h5", record)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for older in ckpt_dir.glob("epoch-*"):
-        if older != final:
-            shutil.rmtree(older, ignore_errors=True)
-
-
 def _save_model(model: Any, params: Mapping[str, Any], info: data.DatasetInfo, path: Path) -> None:
     """Save the trained weights in a plain (non-Horovod) copy of the model, atomically."""
     clean = models.build_model(params, info.sample_shape, info.n_classes)
     clean.set_weights(model.get_weights())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")  # Keras wants the suffix
-    clean.save(tmp)
-    os.replace(tmp, path)
+    with store.atomic_path(path, suffix=".keras") as tmp:  # Keras picks the format by suffix
+        clean.save(tmp)
     log.info("saved model %s", path)
 
 
@@ -346,12 +204,289 @@ def _resume_problem(out: Path) -> str | None:
         reason = store.read_run(out).attrs.get("stop_reason")
     except (OSError, ValueError) as exc:
         return f"{out}: exists and is not an hpcdl run file ({exc}); choose another --out"
-    if reason not in (RUNNING, INTERRUPTED):
+    if reason not in (StopReason.RUNNING, StopReason.INTERRUPTED):
         return (
             f"{out}: this run already finished ({reason}); delete it or choose another "
             "--out to train again"
         )
     return None
+
+
+
+
+@dataclass
+class Run:
+    """A training run as built on every rank before fit(): what its epochs and its end need."""
+
+    config: Config
+    out: Path
+    ranks: parallel.Ranks
+    info: data.DatasetInfo
+    model: Any
+    batches: ShardBatches
+    val: tuple[np.ndarray, np.ndarray]
+    learning_rate: float
+    fit_on_val: bool
+    clock: Clock
+    start_epoch: int  # epochs finished before this session (restored from the checkpoint)
+    history: dict[str, list[float]]  # their metrics
+    attrs: dict[str, Any] = field(default_factory=dict)  # the run file's attributes
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.config.params
+
+
+def _check_can_start(config: Config, out: Path, ranks: parallel.Ranks,
+                     info: data.DatasetInfo) -> None:
+    """Refuse, alike on every rank, a run that cannot start: too few samples per rank for one
+    batch, or a finished run file at `out`."""
+    batch_size = config.params["batch_size"]
+    per_rank = info.sizes["train"] // ranks.size
+    if per_rank < batch_size:
+        raise UserError(
+            f"{config.dataset_file}: {info.sizes['train']} training samples over {ranks.size} "
+            f"ranks is {per_rank} per rank, fewer than one batch (train.batch_size "
+            f"{batch_size}); use fewer ranks or a smaller batch"
+        )
+    problem = _resume_problem(out) if ranks.is_root else None
+    problem = parallel.broadcast_object(problem, "train.resume_problem")
+    if problem:
+        raise UserError(problem)
+
+
+def _compiled_model(params: Mapping[str, Any], info: data.DatasetInfo,
+                    size: int) -> tuple[Any, float]:
+    """The model with Horovod's optimizer at the learning rate scaled for `size` ranks."""
+    model = models.build_model(params, info.sample_shape, info.n_classes)
+    learning_rate = parallel.scaled_learning_rate(
+        params["learning_rate"], size, params["lr_scaling"]
+    )
+    model.compile(
+        optimizer=parallel.distributed_optimizer(make_optimizer(params, learning_rate)),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model, learning_rate
+
+
+def _run_attrs(run: Run, extra: Mapping[str, Any], device: str | None) -> dict[str, Any]:
+    """The run file's attributes: what ran where, with which versions (collective)."""
+    ranks, params, batch_size = run.ranks, run.params, run.params["batch_size"]
+    hosts = parallel.allgather_object(ranks.host, "train.hosts")
+    shard = data.shard_bounds(run.info.sizes["train"], ranks.rank, ranks.size)
+    shards = parallel.allgather_object(list(shard), "train.shards")
+    return {
+        **extra,
+        "params": params,
+        "seed": params["seed"],
+        "ranks": ranks.size,
+        "hosts": hosts,
+        "versions": parallel.versions(),
+        "n_params": int(run.model.count_params()),
+        "dataset": str(run.config.dataset_file),
+        "config": run.config.as_dict(),
+        "global_batch_size": batch_size * ranks.size,
+        "steps_per_epoch": run.batches.steps,
+        "device": device or "cpu",
+        "slurm_job_id": ranks.job_id,
+        "train_shards": shards,
+    }
+
+
+def build_run(config: Config, out: Path, ranks: parallel.Ranks, clock: Clock,
+              run_attrs: Mapping[str, Any], fit_on_val: bool) -> Run:
+    """Everything before fit(), on every rank: inputs checked, this rank's shards read, the
+    model compiled and restored from `out`'s checkpoint if there is one."""
+    from tensorflow import keras
+
+    params = config.params
+    gpu = parallel.pin_gpu(ranks.local_rank)
+    info = data.dataset_info(config.dataset_file)
+    models.check_architecture(params, info.sample_shape)
+    _check_can_start(config, out, ranks, info)
+
+    keras.utils.set_random_seed(params["seed"])  # same initial weights on every rank
+    train_x, train_y = data.read_shard(config.dataset_file, "train", ranks.rank, ranks.size)
+    val_x, val_y = data.read_shard(
+        config.dataset_file, "val", ranks.rank, ranks.size, equal=fit_on_val
+    )
+    if fit_on_val:
+        train_x, train_y = np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])
+    batches = ShardBatches(train_x, train_y, params["batch_size"], params["seed"], ranks.rank)
+    del train_x, train_y
+    model, learning_rate = _compiled_model(params, info, ranks.size)
+    start_epoch, history, clock.before = store.load_checkpoint(out, model)
+    start_epoch = parallel.broadcast_object(start_epoch, "train.start_epoch")
+    if start_epoch:
+        log.info("resuming %s after epoch %d", out, start_epoch)
+    run = Run(config, out, ranks, info, model, batches, (val_x, val_y), learning_rate,
+              fit_on_val, clock, start_epoch, history)
+    run.attrs = _run_attrs(run, run_attrs, gpu)
+    if ranks.is_root:
+        log.info(
+            "%s: %s, %d params, %d ranks x %d = global batch %d, %d steps/epoch, lr %.3g",
+            out,
+            params["family"],
+            run.attrs["n_params"],
+            ranks.size,
+            params["batch_size"],
+            run.attrs["global_batch_size"],
+            batches.steps,
+            learning_rate,
+        )
+    return run
+
+
+class RunProgress:
+    """Per-epoch bookkeeping of a run, on every rank: the history, early stopping, the pruning
+    hook, rank 0's checkpoint and run file, and the agreement to stop on a signal."""
+
+    def __init__(self, run: Run, on_epoch: EpochHook | None) -> None:
+        self.run = run
+        self.on_epoch = on_epoch
+        self.history = run.history
+        self.stop = callbacks.StopRequest()
+        self.agreement = callbacks.stop_agreement(self.stop)
+        # early-stopping state continues across a resume: it is derived from the history
+        val_losses = self.history.get("val_loss", [])
+        self.best_val_loss = min(val_losses, default=math.inf)
+        self.epochs_since_best = (
+            len(val_losses) - 1 - val_losses.index(self.best_val_loss) if val_losses else 0
+        )
+
+    def record(self, reason: StopReason, wall_seconds: float | None = None,
+               test: Mapping[str, float] | None = None, **extra: Any) -> store.RunRecord:
+        """The run file as of now."""
+        elapsed = self.run.clock.elapsed() if wall_seconds is None else wall_seconds
+        attrs = {**self.run.attrs, "stop_reason": reason.value, "wall_seconds": elapsed, **extra}
+        return store.RunRecord(attrs, self.history, dict(test or {}))
+
+    def end_of_epoch(self, epoch: int, logs: Mapping[str, float],
+                     seconds: float) -> StopReason | None:
+        """Validate, record, checkpoint; the stop reason if the run ends after this epoch."""
+        if self.agreement.stopped:
+            log.warning(
+                "%s received: stopping after epoch %d's unfinished batch; the "
+                "checkpoint of epoch %d stays for resumption",
+                self._signal_name(), epoch + 1, epoch)
+            return self.interrupted()
+        metrics = self._measure(epoch, logs, seconds)
+        self.history = store.merge_epochs(self.history, metrics)
+        if not all(math.isfinite(v) for k, v in metrics.items() if k.endswith("loss")):
+            log.error("epoch %d: non-finite loss %s: stopping", epoch + 1, metrics)
+            return StopReason.FAILED_NON_FINITE
+        if self.run.ranks.is_root:
+            self._log_and_checkpoint(epoch, metrics)
+        if parallel.any_rank(self.stop.requested):  # signalled late in the epoch: it is kept
+            log.warning("%s received: stopping after epoch %d, checkpointed",
+                        self._signal_name(), epoch + 1)
+            return self.interrupted()
+        if self.on_epoch is not None and self.on_epoch(epoch, metrics):
+            return StopReason.PRUNED
+        if self._patience_spent(metrics):
+            return StopReason.EARLY_STOPPED
+        return None
+
+    def interrupted(self) -> StopReason:
+        """Rank 0 records the interruption at once: fit() can take seconds to return after a
+        stop at 2 ranks, and mpirun kills its ranks about a second after its own SIGTERM."""
+        if self.run.ranks.is_root:
+            store.write_run(self.run.out, self.record(StopReason.INTERRUPTED))
+        return StopReason.INTERRUPTED
+
+    def _signal_name(self) -> str:
+        return self.stop.signal_name or "stop from another rank"
+
+    def _measure(self, epoch: int, logs: Mapping[str, float], seconds: float) -> dict[str, float]:
+        """The epoch's metrics, averaged over ranks, validation included."""
+        run = self.run
+        metrics = _epoch_metrics(logs, seconds, run.batches, run.ranks.size, run.model)
+        if not run.fit_on_val:
+            val = evaluate_global(run.model, *run.val, f"val.epoch{epoch}")
+            metrics.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"]})
+        # wall time since the run began (earlier sessions included), validation included:
+        # its differences are the real period of an epoch, every per-epoch cost counted
+        metrics["elapsed_seconds"] = run.clock.elapsed()
+        return metrics
+
+    def _log_and_checkpoint(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Rank 0: the epoch's log line, its checkpoint and the run file as of this epoch."""
+        shown = [k for k in EPOCH_METRICS if k in metrics]
+        log.info("epoch %d/%d: %s", epoch + 1, self.run.params["epochs"],
+                 " ".join(f"{k} {metrics[k]:.4g}" for k in shown))
+        record = self.record(StopReason.RUNNING)
+        store.save_checkpoint(self.run.out, self.run.model, epoch + 1, record)
+        store.write_run(self.run.out, record)
+
+    def _patience_spent(self, metrics: Mapping[str, float]) -> bool:
+        """Early stopping: no better val_loss for `patience` epochs (never when fitting on val)."""
+        patience = self.run.params["patience"]
+        if not patience or self.run.fit_on_val:
+            return False
+        if metrics["val_loss"] < self.best_val_loss:
+            self.best_val_loss, self.epochs_since_best = metrics["val_loss"], 0
+            return False
+        self.epochs_since_best += 1
+        return self.epochs_since_best >= patience
+
+
+def fit(run: Run, progress: RunProgress) -> StopReason:
+    """Train the remaining epochs on every rank; why the fit ended."""
+    params, ranks, batches = run.params, run.ranks, run.batches
+    broadcast, warmup = parallel.sync_callbacks(
+        run.learning_rate, params["warmup_epochs"], batches.steps, ranks.size)
+    show_progress = ranks.is_root and sys.stdout.isatty()
+    bar = ([callbacks.progress_bar(f"rank {ranks.rank}/{ranks.size}", params["epochs"],
+                                   batches.steps)] if show_progress else [])
+    epoch_end = callbacks.epoch_end(progress.end_of_epoch)
+    with progress.stop.installed():
+        # One fit() over all epochs: a fit() per epoch cost ~0.85 s of set-up per epoch at
+        # 2 ranks (benchmarks/RESULTS.md, benchmark 1); the per-epoch work is a callback.
+        run.model.fit(
+            batches.epochs(run.start_epoch, params["epochs"]),
+            epochs=params["epochs"],
+            initial_epoch=run.start_epoch,
+            steps_per_epoch=batches.steps,
+            verbose=0,
+            callbacks=[progress.agreement, *broadcast, *warmup, *bar, epoch_end],
+        )
+    return epoch_end.reason or StopReason.COMPLETED
+
+
+def finish(run: Run, progress: RunProgress, reason: StopReason,
+           save_model: Path | None) -> RunResult:
+    """After fit, on every rank: test, the proof of averaging, rank 0's final run file."""
+    ranks = run.ranks
+    test: dict[str, float] = {}
+    if reason.finished_training:
+        test_x, test_y = data.read_shard(
+            run.config.dataset_file, "test", ranks.rank, ranks.size, equal=False
+        )
+        test = evaluate_global(run.model, test_x, test_y, "test")
+    wall_seconds = run.clock.elapsed()
+    digests = parallel.allgather_object(weights_digest(run.model), "train.weights_digest")
+    # peak resident memory of each rank (Linux reports KiB): what to ask Slurm for (mem_mb)
+    peak_rss = parallel.allgather_object(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "train.peak_rss")
+    if save_model is not None and ranks.is_root and reason.finished_training:
+        _save_model(run.model, run.params, run.info, save_model)
+    if ranks.is_root:
+        if len(set(digests)) > 1:
+            log.error("ranks ended with different weights: gradients were not averaged")
+        store.write_run(run.out, progress.record(
+            reason, wall_seconds, test, weights_sha256=digests, peak_rss_mb=peak_rss))
+        if reason != StopReason.INTERRUPTED:
+            store.drop_checkpoint(run.out)
+    # every rank says where it stopped: proof that no rank ran on alone
+    log.info(
+        "%s: %s after %d epochs%s",
+        run.out,
+        reason,
+        len(progress.history.get("loss", [])),
+        f", test accuracy {test['accuracy']:.4f}" if test else "",
+    )
+    return RunResult(reason, progress.history, test, run.attrs["n_params"], wall_seconds, run.out)
 
 
 def train(
@@ -368,202 +503,12 @@ def train(
     fit_on_val: train on train+val (the final model; no validation, no early stopping).
     save_model: rank 0 also saves the trained Keras model there (.keras, no optimizer).
     """
-    wall_start = time.perf_counter()
-    params = config.params
-    ranks = parallel.init(params["intra_op_threads"])
+    clock = Clock()
+    ranks = parallel.init(config.params["intra_op_threads"])
     logs.configure(ranks.rank, ranks.size, ranks.host)
-    from tensorflow import keras
-
-    gpu = parallel.pin_gpu(ranks.local_rank)
-    info = data.dataset_info(config.dataset_file)
-    models.check_architecture(params, info.sample_shape)
-    batch_size = params["batch_size"]
-    per_rank = info.sizes["train"] // ranks.size
-    if per_rank < batch_size:
-        raise UserError(
-            f"{config.dataset_file}: {info.sizes['train']} training samples over {ranks.size} "
-            f"ranks is {per_rank} per rank, fewer than one batch (train.batch_size "
-            f"{batch_size}); use fewer ranks or a smaller batch"
-        )
-    problem = _resume_problem(out) if ranks.is_root else None
-    problem = parallel.broadcast_object(problem, "train.resume_problem")
-    if problem:
-        raise UserError(problem)
-
-    keras.utils.set_random_seed(params["seed"])  # same initial weights on every rank
-    train_x, train_y = data.read_shard(config.dataset_file, "train", ranks.rank, ranks.size)
-    val_x, val_y = data.read_shard(
-        config.dataset_file, "val", ranks.rank, ranks.size, equal=fit_on_val
-    )
-    if fit_on_val:
-        train_x, train_y = np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])
-    train_batches = ShardBatches(train_x, train_y, batch_size, params["seed"], ranks.rank)
-    del train_x, train_y
-    model = models.build_model(params, info.sample_shape, info.n_classes)
-    learning_rate = parallel.scaled_learning_rate(
-        params["learning_rate"], ranks.size, params["lr_scaling"]
-    )
-    model.compile(
-        optimizer=parallel.distributed_optimizer(make_optimizer(params, learning_rate)),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    start_epoch, history, wall_before = _load_checkpoint(out, model)
-    start_epoch = parallel.broadcast_object(start_epoch, "train.start_epoch")
-    if start_epoch:
-        log.info("resuming %s after epoch %d", out, start_epoch)
-    hosts = parallel.allgather_object(ranks.host, "train.hosts")
-    shard = data.shard_bounds(info.sizes["train"], ranks.rank, ranks.size)
-    shards = parallel.allgather_object(list(shard), "train.shards")
-    attrs: dict[str, Any] = {
-        **(run_attrs or {}),
-        "params": params,
-        "seed": params["seed"],
-        "ranks": ranks.size,
-        "hosts": hosts,
-        "versions": versions(),
-        "n_params": int(model.count_params()),
-        "dataset": str(config.dataset_file),
-        "config": config.as_dict(),
-        "global_batch_size": batch_size * ranks.size,
-        "steps_per_epoch": train_batches.steps,
-        "device": gpu or "cpu",
-        "slurm_job_id": ranks.job_id,
-        "train_shards": shards,
-    }
-    if ranks.is_root:
-        log.info(
-            "%s: %s, %d params, %d ranks x %d = global batch %d, %d steps/epoch, lr %.3g",
-            out,
-            params["family"],
-            attrs["n_params"],
-            ranks.size,
-            batch_size,
-            batch_size * ranks.size,
-            train_batches.steps,
-            learning_rate,
-        )
-
-    stop = StopRequest()
-    stop_callback = _make_stop_callback(stop)
-    broadcast, warmup = parallel.sync_callbacks(
-        learning_rate, params["warmup_epochs"], train_batches.steps, ranks.size)
-    show_progress = ranks.is_root and sys.stdout.isatty()
-    reason = COMPLETED
-    # early-stopping state continues across a resume: it is derived from the history
-    val_losses = history.get("val_loss", [])
-    best_val_loss = min(val_losses, default=math.inf)
-    epochs_since_best = len(val_losses) - 1 - val_losses.index(best_val_loss) if val_losses else 0
-
-    def interrupted() -> str:
-        """Rank 0 records the interruption at once: fit() can take seconds to return after a
-        stop at 2 ranks, and mpirun kills its ranks about a second after its own SIGTERM."""
-        if ranks.is_root:
-            elapsed = wall_before + time.perf_counter() - wall_start
-            store.write_run(out, store.RunRecord(
-                {**attrs, "stop_reason": INTERRUPTED, "wall_seconds": elapsed}, history))
-        return INTERRUPTED
-
-    def end_of_epoch(epoch: int, logs: Mapping[str, float], seconds: float) -> str | None:
-        """Validate, record, checkpoint; the stop reason if the run ends after this epoch."""
-        nonlocal history, best_val_loss, epochs_since_best
-        if stop_callback.stopped:
-            log.warning(
-                "%s received: stopping after epoch %d's unfinished batch; the "
-                "checkpoint of epoch %d stays for resumption",
-                stop.signal_name or "stop from another rank", epoch + 1, epoch)
-            return interrupted()
-        metrics = _epoch_metrics(logs, seconds, train_batches, ranks.size, model)
-        if not fit_on_val:
-            val = evaluate_global(model, val_x, val_y, f"val.epoch{epoch}")
-            metrics.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"]})
-        # wall time since the run began (earlier sessions included), validation included:
-        # its differences are the real period of an epoch, every per-epoch cost counted
-        metrics["elapsed_seconds"] = wall_before + time.perf_counter() - wall_start
-        history = store.merge_epochs(history, metrics)
-        if not all(math.isfinite(v) for k, v in metrics.items() if k.endswith("loss")):
-            log.error("epoch %d: non-finite loss %s: stopping", epoch + 1, metrics)
-            return FAILED_NON_FINITE
-        if ranks.is_root:
-            shown = [k for k in EPOCH_METRICS if k in metrics]
-            log.info("epoch %d/%d: %s", epoch + 1, params["epochs"],
-                     " ".join(f"{k} {metrics[k]:.4g}" for k in shown))
-            elapsed = wall_before + time.perf_counter() - wall_start
-            record = store.RunRecord(
-                {**attrs, "stop_reason": RUNNING, "wall_seconds": elapsed}, history
-            )
-            _save_checkpoint(out, model, epoch + 1, record)
-            store.write_run(out, record)
-        if parallel.any_rank(stop.requested):  # signalled late in the epoch: it is kept
-            log.warning("%s received: stopping after epoch %d, checkpointed",
-                        stop.signal_name or "stop from another rank", epoch + 1)
-            return interrupted()
-        if on_epoch is not None and on_epoch(epoch, metrics):
-            return PRUNED
-        if params["patience"] and not fit_on_val:
-            if metrics["val_loss"] < best_val_loss:
-                best_val_loss, epochs_since_best = metrics["val_loss"], 0
-            else:
-                epochs_since_best += 1
-                if epochs_since_best >= params["patience"]:
-                    return EARLY_STOPPED
-        return None
-
-    epoch_callback = _make_epoch_callback(end_of_epoch)
-    progress = ([_make_progress_callback(f"rank {ranks.rank}/{ranks.size}", params["epochs"],
-                                         train_batches.steps)] if show_progress else [])
-    if start_epoch < params["epochs"]:
-        with stop.installed():
-            # One fit() over all epochs: a fit() per epoch cost ~0.85 s of set-up per epoch at
-            # 2 ranks (benchmarks/RESULTS.md, benchmark 1); the per-epoch work is a callback.
-            model.fit(
-                train_batches.epochs(start_epoch, params["epochs"]),
-                epochs=params["epochs"],
-                initial_epoch=start_epoch,
-                steps_per_epoch=train_batches.steps,
-                verbose=0,
-                callbacks=[stop_callback, *broadcast, *warmup, *progress, epoch_callback],
-            )
-        reason = epoch_callback.reason or COMPLETED
-
-    test: dict[str, float] = {}
-    if reason in (COMPLETED, EARLY_STOPPED):
-        test_x, test_y = data.read_shard(
-            config.dataset_file, "test", ranks.rank, ranks.size, equal=False
-        )
-        test = evaluate_global(model, test_x, test_y, "test")
-    wall_seconds = wall_before + time.perf_counter() - wall_start
-    digests = parallel.allgather_object(weights_digest(model), "train.weights_digest")
-    # peak resident memory of each rank (Linux reports KiB): what to ask Slurm for (mem_mb)
-    peak_rss = parallel.allgather_object(
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "train.peak_rss")
-    if save_model is not None and ranks.is_root and reason in (COMPLETED, EARLY_STOPPED):
-        _save_model(model, params, info, save_model)
-    if ranks.is_root:
-        if len(set(digests)) > 1:
-            log.error("ranks ended with different weights: gradients were not averaged")
-        store.write_run(
-            out,
-            store.RunRecord(
-                {
-                    **attrs,
-                    "stop_reason": reason,
-                    "wall_seconds": wall_seconds,
-                    "weights_sha256": digests,
-                    "peak_rss_mb": peak_rss,
-                },
-                history,
-                test,
-            ),
-        )
-        if reason != INTERRUPTED:
-            shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
-    # every rank says where it stopped: proof that no rank ran on alone
-    log.info(
-        "%s: %s after %d epochs%s",
-        out,
-        reason,
-        len(history.get("loss", [])),
-        f", test accuracy {test['accuracy']:.4f}" if test else "",
-    )
-    return RunResult(reason, history, test, attrs["n_params"], wall_seconds, out)
+    run = build_run(config, out, ranks, clock, run_attrs or {}, fit_on_val)
+    progress = RunProgress(run, on_epoch)
+    reason = StopReason.COMPLETED
+    if run.start_epoch < run.params["epochs"]:
+        reason = fit(run, progress)
+    return finish(run, progress, reason, save_model)

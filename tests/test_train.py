@@ -14,7 +14,7 @@ import h5py
 import pytest
 
 from conftest import hpcdl_env, run_hpcdl, run_mpi
-from hpcdl import data, store, train
+from hpcdl import callbacks, data, store
 from hpcdl.config import EPOCH_METRICS
 
 pytestmark = [pytest.mark.slow]
@@ -58,7 +58,7 @@ def test_two_ranks_average_gradients(results: Path) -> None:
     drawn = re.findall(r"\[rank (\d)/2\] epoch (\d)/4", result.stdout)
     assert {rank for rank, _ in drawn} == {"0"} and {e for _, e in drawn} == {"1", "2", "3", "4"}
     for epoch, seconds in enumerate(run.epochs["epoch_seconds"], 1):
-        assert drawn.count(("0", str(epoch))) <= 2 + seconds / train.PROGRESS_SECONDS
+        assert drawn.count(("0", str(epoch))) <= 2 + seconds / callbacks.PROGRESS_SECONDS
     header = subprocess.run(["h5dump", "-H", str(out)], capture_output=True, text=True, check=True)
     assert 'DATASET "val_accuracy"' in header.stdout
 
