@@ -267,7 +267,7 @@ class Page(HTMLParser):
         super().__init__()
         self.tables: dict[str, list[list[str]]] = {}
         self.cards: list[tuple[str, str]] = []
-        self._heading = self._text = ""
+        self._heading = self._text = self._card_label = ""
         self._in: list[str] = []
         self._row: list[str] | None = None
         self._card: list[str] | None = None
@@ -281,7 +281,7 @@ class Page(HTMLParser):
         elif tag == "tr":
             self._row = []
         elif tag == "div" and ("class", "card") in attrs:
-            self._card = []
+            self._card, self._card_label = [], ""
         self._in.append(tag)
 
     def handle_endtag(self, tag: str) -> None:
@@ -302,7 +302,7 @@ class Page(HTMLParser):
             self._in.pop()
 
     def handle_data(self, data: str) -> None:
-        if self._card is not None and not self._card:
+        if self._card is not None and not self._card_label:  # the text before <b>
             self._card_label = " ".join(data.split())
         self._text += data
 
