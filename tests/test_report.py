@@ -373,11 +373,17 @@ class DevTools:
                          returnByValue=True)["result"]["value"]
 
     def close(self) -> None:
+        """Ask the browser to quit; kill it if it does not."""
         self.session = None
-        self.call("Browser.close")
-        self.process.wait(timeout=30)
-        os.close(self._commands)
-        os.close(self._answers)
+        try:
+            self.call("Browser.close")
+            self.process.wait(timeout=30)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            os.close(self._commands)
+            os.close(self._answers)
 
 
 def test_clicking_a_header_sorts_the_trials_table_in_chromium(sweep: Path) -> None:
