@@ -85,9 +85,12 @@ def show(config: Config) -> None:
 def watch(config: Config, every: float) -> None:
     """Redraw the tables every `every` seconds until Ctrl-C."""
     with Live(render(snapshot(config)), refresh_per_second=1) as live:
-        while True:
-            time.sleep(every)
-            live.update(render(snapshot(config)))
+        try:
+            while True:
+                time.sleep(every)
+                live.update(render(snapshot(config)))
+        except KeyboardInterrupt:  # Ctrl-C is how a watch ends, not an error
+            return
 
 
 def dashboard(config: Config, host: str, port: int) -> None:

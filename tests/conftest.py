@@ -140,3 +140,29 @@ def start_worker(config: Path, worker_id: int, ranks: int = 2,
          "--worker-id", str(worker_id)],
         env=hpcdl_env(), stdout=out, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
+
+
+EVALUATE_SCRIPT = """
+import json, sys
+import h5py, numpy as np, tf_keras
+model = tf_keras.models.load_model(sys.argv[1])
+with h5py.File(sys.argv[2]) as f:
+    x, y = f[sys.argv[3] + "/x"][()], f[sys.argv[3] + "/y"][()]
+x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
+model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+loss, accuracy = model.evaluate(x, y, batch_size=len(y), verbose=0)
+print(json.dumps({"loss": loss, "accuracy": accuracy, "rows": len(y),
+                  "input_shape": list(model.input_shape)}))
+"""
+
+
+def evaluate_model(model: Path, dataset: Path, split: str) -> dict[str, float]:
+    """Load a saved .keras model with tf-keras in one plain process (no MPI, no Horovod) and
+    evaluate it on a whole split of a dataset file, in one batch: the single-rank reference."""
+    import json
+
+    done = subprocess.run([sys.executable, "-c", EVALUATE_SCRIPT, str(model), str(dataset), split],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env=hpcdl_env(TF_USE_LEGACY_KERAS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

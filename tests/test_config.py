@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import REPO
 from hpcdl import config
 from hpcdl.errors import ConfigError
 
@@ -118,3 +119,22 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         config.load(bad)
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         config.load("configs/smoke.yaml", ["width"])
+
+
+def test_demo_config_loads_and_validates() -> None:
+    """configs/demo.yaml is what `make demo` runs: it passes Snakemake's validation with the one
+    schema and hpcdl's own checks, and is the sweep the README describes."""
+    from snakemake.utils import validate
+
+    path = REPO / "configs" / "demo.yaml"
+    document = yaml.safe_load(path.read_text())
+    validate(document, str(config.SCHEMA_PATH))
+    config.Config(document, origin=str(path)).check_container(apptainer=False)
+    cfg = config.load(path)
+    search, resources = cfg.section("search"), cfg.section("resources")
+    assert cfg.section("dataset")["name"] == "fashion_mnist" and cfg.params["family"] == "mlp"
+    assert (search["n_trials"], search["sampler"], search["pruner"]) == (24, "tpe", "hyperband")
+    assert set(search["space"]) == {"width", "depth", "learning_rate", "dropout"}
+    assert cfg.params["epochs"] == 30
+    assert (resources["workers"], resources["ranks_per_node"]) == (2, 1)
+    assert cfg.dataset_file == Path("results/data/fashion_mnist.h5")

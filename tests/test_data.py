@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import make_idx_dir, run_hpcdl, write_idx
-from hpcdl import cli, data
+from conftest import make_idx_dir, run_hpcdl, write_idx, write_sweep_config
+from hpcdl import cli, config, data
 
 
 def prepare(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
@@ -148,6 +148,56 @@ def test_prepare_fashion_mnist_from_debian(tmp_path: Path) -> None:
     header = subprocess.run(["h5dump", "-H", str(out)], capture_output=True, text=True, check=True)
     assert 'DATASET "x"' in header.stdout and "( 10000, 28, 28, 1 )" in header.stdout
     assert "checksums_sha256" in header.stdout
+    assert_dataset_layout(out)
+
+
+# what the README's "File layouts" promises of every dataset file
+ROOT_ATTRIBUTES = {"format", "format_version", "name", "source", "n_classes", "class_names",
+                   "shapes", "checksums_sha256", "val_fraction", "split_seed", "hpcdl_version"}
+
+
+def h5dump_dataset(path: Path, dataset: str) -> str:
+    """`h5dump -H -p` of one dataset: its type, shape, chunking and filters."""
+    return subprocess.run(["h5dump", "-H", "-p", "-d", dataset, str(path)], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def assert_dataset_layout(path: Path) -> None:
+    """Images chunked along N only (chunks of at most 1 MiB, as many rows as fit), gzip level 4
+    with shuffle; labels int64; the listed root attributes, the JSON ones parseable."""
+    with h5py.File(path) as f:
+        assert set(f.attrs) == ROOT_ATTRIBUTES and f.attrs["format"] == "hpcdl-dataset"
+        shapes = json.loads(f.attrs["shapes"])
+        assert len(json.loads(f.attrs["class_names"])) == f.attrs["n_classes"]
+        assert isinstance(json.loads(f.attrs["checksums_sha256"]), dict)  # {} for digits
+        for split in ("train", "val", "test"):
+            x, y = f[f"{split}/x"], f[f"{split}/y"]
+            assert list(x.shape) == shapes[split] and len(y) == len(x)
+            row_bytes = int(np.prod(x.shape[1:])) * x.dtype.itemsize
+            rows = min(len(x), (1 << 20) // row_bytes)
+            assert x.chunks == (rows, *x.shape[1:]), (split, x.chunks)
+            assert (x.compression, x.compression_opts, x.shuffle) == ("gzip", 4, True)
+            assert y.dtype == np.int64
+            dumped = h5dump_dataset(path, f"/{split}/x")
+            assert f"CHUNKED ( {', '.join(map(str, x.chunks))} )" in dumped, dumped
+            assert "PREPROCESSING SHUFFLE" in dumped and "DEFLATE { LEVEL 4 }" in dumped
+            assert "DATATYPE  H5T_STD_I64LE" in h5dump_dataset(path, f"/{split}/y")
+
+
+def test_digits_file_layout(digits_h5: Path) -> None:
+    assert_dataset_layout(digits_h5)
+
+
+def test_prepare_with_config_writes_the_configs_dataset_file(tmp_path: Path) -> None:
+    cfg_path = write_sweep_config(tmp_path)
+    result = run_hpcdl("prepare", "--config", str(cfg_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = config.load(cfg_path).dataset_file
+    assert written == tmp_path / "data" / "digits.h5"
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["digits.h5"]  # nothing else
+    info = data.dataset_info(written)
+    # the config's dataset section: digits, val_fraction 0.1 of what test_fraction 0.2 leaves
+    assert info.name == "digits" and info.sizes == {"train": 1293, "val": 144, "test": 360}
 
 
 # ---------------------------------------------------------------- bad inputs

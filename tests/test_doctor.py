@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import platform
+import shutil
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -19,8 +22,12 @@ def test_doctor_json_reports_horovod_built_with_mpi_and_gloo() -> None:
     report = json.loads(result.stdout)
     checks = {c["name"]: c for c in report["checks"]}
     assert report["ok"] is True
-    assert checks["tensorflow"]["value"] == "2.18.1"
-    assert checks["keras"]["value"].startswith("2.18")
+    assert checks["tensorflow"]["value"] == version("tensorflow") == "2.18.1"
+    assert checks["keras"]["value"].startswith(version("tf-keras"))
+    assert checks["horovod"]["value"].startswith(version("horovod"))
+    assert checks["mpi4py"]["value"] == version("mpi4py")
+    mpirun = shutil.which("mpirun")
+    assert mpirun and checks["mpirun"]["value"].startswith(f"{mpirun}: mpirun (Open MPI)")
     assert "mpi=yes" in checks["horovod"]["value"] and "gloo=yes" in checks["horovod"]["value"]
     assert "Open MPI" in checks["mpi library"]["value"]
     assert checks["gpus"]["required"] is False
@@ -34,7 +41,20 @@ def test_doctor_names_the_fix_when_mpirun_is_missing() -> None:
 
 
 def test_doctor_table_is_readable() -> None:
-    result = run_hpcdl("doctor", COLUMNS="160")
+    """The table shows what was found, not only the names: the versions of the installed
+    packages, Horovod's MPI build, the mpirun on PATH."""
+    result = run_hpcdl("doctor", COLUMNS="200")
     assert result.returncode == 0, result.stderr
-    for item in ("tensorflow", "horovod", "mpi4py", "sbatch", "apptainer"):
-        assert item in result.stdout
+    rows = {cells[0]: cells[1:] for cells in (
+        [cell.strip() for cell in line.strip("│┃ ").split("│")]
+        for line in result.stdout.splitlines() if "│" in line)}
+    installed = {name: version(package) for name, package in (
+        ("tensorflow", "tensorflow"), ("horovod", "horovod"), ("mpi4py", "mpi4py"))}
+    for name, expected in installed.items():
+        assert rows[name][0].split()[0] == expected, (name, rows[name])
+    assert rows["keras"][0].startswith(f"{version('tf-keras')} (tf.keras is tf_keras")
+    assert rows["python"][0] == platform.python_version()
+    assert "mpi=yes" in rows["horovod"][0]
+    mpirun = shutil.which("mpirun")
+    assert mpirun and rows["mpirun"][0].startswith(f"{mpirun}: mpirun (Open MPI)")
+    assert rows["sbatch"][0] == (shutil.which("sbatch") or "not on PATH")

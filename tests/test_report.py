@@ -3,12 +3,19 @@ the report rendered by headless Chromium; the dashboard queried over HTTP."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import select
 import shutil
+import signal
 import socket
+import statistics
 import subprocess
 import time
 import urllib.request
+from html.parser import HTMLParser
 from pathlib import Path
 
 import h5py
@@ -18,7 +25,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import REPO, hpcdl_env, run_hpcdl, write_sweep_config
-from hpcdl import config, study
+from hpcdl import config, store, study
 
 pytestmark = pytest.mark.slow
 
@@ -100,6 +107,11 @@ def test_missing_trial_file_is_reported_not_fatal(sweep: Path, tmp_path: Path) -
     assert table.loc[0, "file_status"] == "ok"
 
 
+# the owner a worker records in a trial's system attributes (hpcdl/liveness.py)
+RUNNING_OWNER = {"hpcdl:worker_id": 7, "hpcdl:host": "node-042", "hpcdl:pid": os.getpid(),
+                 "hpcdl:slurm_job_id": "4242_1", "hpcdl:heartbeat": time.time()}
+
+
 def made_up_study(results: Path, states: list[TrialState]) -> Path:
     """A real journal study with trials in the given states (no training needed)."""
     cfg_path = write_sweep_config(results, search={"n_trials": 10})
@@ -112,6 +124,11 @@ def made_up_study(results: Path, states: list[TrialState]) -> Path:
         if state == TrialState.FAIL:
             s._storage.set_trial_system_attr(trial._trial_id, study.FAIL_REASON,
                                              "failed: non-finite loss")
+        if state == TrialState.RUNNING:  # as a worker's rank 0 leaves it, two epochs in
+            for key, value in RUNNING_OWNER.items():
+                s._storage.set_trial_system_attr(trial._trial_id, key, value)
+            trial.report(0.3, 1)
+            trial.report(0.4, 2)
         if state == TrialState.COMPLETE:
             s.tell(trial, 0.5 + 0.01 * trial.number)
         elif state != TrialState.RUNNING:
@@ -129,9 +146,38 @@ def test_status_counts_each_state(tmp_path: Path) -> None:
     snap = json.loads(result.stdout)
     assert snap["counts"] == {"COMPLETE": 3, "PRUNED": 2, "FAIL": 1, "RUNNING": 1}
     assert snap["finished"] == 5 and snap["left"] == 4
-    assert snap["best"]["number"] == 2 and len(snap["running"]) == 1
+    assert snap["best"]["number"] == 2
+    [running] = snap["running"]
+    assert (running["number"], running["worker"], running["host"], running["job"],
+            running["epoch"]) == (6, 7, "node-042", "4242_1", 2)
     table = run_hpcdl("status", "--config", str(cfg_path), COLUMNS="140")
     assert "5 of 10 trials finished" in table.stdout and "best so far: trial 2" in table.stdout
+    row = next(line for line in table.stdout.splitlines() if "node-042" in line)
+    assert [cell.strip() for cell in row.split("│")[1:6]] == ["6", "7", "node-042", "4242_1", "2"]
+
+
+def test_status_watch_refreshes_until_interrupted(tmp_path: Path) -> None:
+    cfg_path = made_up_study(tmp_path, [TrialState.COMPLETE, TrialState.RUNNING])
+    leader, follower = pty.openpty()
+    watch = subprocess.Popen(["hpcdl", "status", "--config", str(cfg_path), "--watch",
+                              "--every", "0.5"], env=hpcdl_env(COLUMNS="120", LINES="40"),
+                             stdin=follower, stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+    screen, deadline = b"", time.monotonic() + 120
+    while screen.count(b"trials finished") < 3 and time.monotonic() < deadline:
+        if select.select([leader], [], [], 1)[0]:
+            screen += os.read(leader, 65536)
+    watch.send_signal(signal.SIGINT)  # Ctrl-C
+    assert watch.wait(timeout=60) == 0
+    while select.select([leader], [], [], 0.5)[0]:
+        try:
+            screen += os.read(leader, 65536)
+        except OSError:  # the pty closes with its last writer
+            break
+    os.close(leader)
+    text = screen.decode(errors="replace")
+    assert text.count("1 of 10 trials finished") >= 3, text[-2000:]  # redrawn, not printed once
+    assert "node-042" in text and "Traceback" not in text, text[-2000:]
 
 
 def test_all_failed_sweep_still_reports(tmp_path: Path) -> None:
@@ -176,8 +222,22 @@ def test_scaling_measures_speedup_and_report_plots_it(sweep: Path) -> None:
     result = run_hpcdl("scaling", "--config", str(sweep))
     assert result.returncode == 0, result.stderr[-3000:]
     with h5py.File(cfg.sweep_dir / "scaling.h5") as f:
-        assert f["ranks"][()].tolist() == [1, 2]
-        assert (f["samples_per_second"][()] > 0).all() and f["efficiency"][0] == 1.0
+        table = {name: f[name][()].tolist() for name in
+                 ("ranks", "samples_per_second", "speedup", "efficiency")}
+    assert table["ranks"] == [1, 2]
+    runs = {r: store.read_run(cfg.paths.scaling_run(r)) for r in (1, 2)}
+    batch = cfg.params["batch_size"]
+    for ranks, run in runs.items():
+        # per-rank batch fixed: the global batch grows with the ranks
+        assert run.attrs["ranks"] == ranks and run.attrs["global_batch_size"] == ranks * batch
+        assert run.n_epochs == cfg.section("resources")["scaling_epochs"] == 3
+    # epoch 1 (graph tracing) is not timed: samples/s is the median of epochs 2.. only
+    timed = {r: statistics.median(run.epochs["samples_per_second"][1:])
+             for r, run in runs.items()}
+    assert table["samples_per_second"] == pytest.approx([timed[1], timed[2]], rel=1e-12)
+    speedup = timed[2] / timed[1]
+    assert table["speedup"] == pytest.approx([1.0, speedup], rel=1e-12)
+    assert table["efficiency"] == pytest.approx([1.0, speedup / 2], rel=1e-12)
     assert run_hpcdl("report", "--config", str(sweep)).returncode == 0
     assert (cfg.sweep_dir / "figures" / "scaling.png").is_file()
     assert "Scaling" in (cfg.sweep_dir / "report.html").read_text()
@@ -197,3 +257,170 @@ def test_two_objectives_show_the_pareto_front(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert (cfg.sweep_dir / "figures" / "pareto.png").is_file()
     assert "Pareto front" in (cfg.sweep_dir / "report.html").read_text()
+
+
+class Page(HTMLParser):
+    """The report's text as a reader sees it: every table's rows (cell texts) under the
+    heading before it, and the cards (label, bold value)."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.cards: list[tuple[str, str]] = []
+        self._heading = self._text = self._card_label = ""
+        self._in: list[str] = []
+        self._row: list[str] | None = None
+        self._card: list[str] | None = None
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("h2", "h3", "td", "th", "b"):
+            self._text = ""
+        if tag == "table":
+            self.tables[self._heading] = []
+        elif tag == "tr":
+            self._row = []
+        elif tag == "div" and ("class", "card") in attrs:
+            self._card, self._card_label = [], ""
+        self._in.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        text = " ".join(self._text.split())
+        if tag in ("h2", "h3"):
+            self._heading = text
+        elif tag in ("td", "th") and self._row is not None:
+            self._row.append(text)
+        elif tag == "tr" and self._row is not None:
+            self.tables[self._heading].append(self._row)
+            self._row = None
+        elif tag == "b" and self._card is not None:
+            self._card.append(text)
+        elif tag == "div" and self._card is not None:
+            self.cards.append((self._card_label, self._card[0]))
+            self._card = None
+        if self._in and self._in[-1] == tag:
+            self._in.pop()
+
+    def handle_data(self, data: str) -> None:
+        if self._card is not None and not self._card_label:  # the text before <b>
+            self._card_label = " ".join(data.split())
+        self._text += data
+
+
+def test_report_shows_the_final_retrain_and_provenance(sweep: Path) -> None:
+    cfg = config.load(sweep)
+    # one epoch: a final model whose test accuracy differs from the best trial's own
+    final = run_hpcdl("final", "--config", str(sweep), "--set", "epochs=1")
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert run_hpcdl("report", "--config", str(sweep)).returncode == 0
+    page = Page((cfg.sweep_dir / "report.html").read_text())
+    retrained = store.read_run(cfg.paths.best_run)
+    cards = dict(page.cards)
+    assert cards["final retrain (train+val)"] == f"{retrained.test['accuracy']:.4g}"
+    assert cards["test accuracy"] != cards["final retrain (train+val)"]  # told apart
+    versions = {name: value for name, value in page.tables["Provenance"]}
+    assert versions == store.read_run(cfg.trial_file(0)).attrs["versions"]
+    assert versions == retrained.attrs["versions"]
+    assert set(versions) >= {"hpcdl", "python", "tensorflow", "keras", "horovod", "mpi"}
+
+
+class DevTools:
+    """Headless Chromium driven over its DevTools protocol on a pipe (--remote-debugging-pipe:
+    it reads commands on fd 3 and answers on fd 4, NUL-terminated JSON): no driver package."""
+
+    def __init__(self, profile: Path) -> None:
+        to_chromium, self._commands = os.pipe()
+        self._answers, from_chromium = os.pipe()
+        # out of the way of 3 and 4, where the child must find them
+        ends = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (to_chromium, from_chromium)]
+        for fd in (to_chromium, from_chromium):
+            os.close(fd)
+
+        def wire() -> None:
+            os.dup2(ends[0], 3)
+            os.dup2(ends[1], 4)
+
+        self.process = subprocess.Popen(
+            [shutil.which("chromium") or "chromium", *CHROMIUM_FLAGS, "--remote-debugging-pipe",
+             f"--user-data-dir={profile}", "--window-size=1200,2400", "about:blank"],
+            pass_fds=(3, 4), preexec_fn=wire, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        for fd in ends:
+            os.close(fd)
+        self._buffer, self._next_id, self.session = b"", 0, None
+
+    def call(self, method: str, **params: object) -> dict:
+        """Send one command (to the attached page, once there is one) and wait for its answer."""
+        self._next_id += 1
+        message: dict[str, object] = {"id": self._next_id, "method": method, "params": params}
+        if self.session:
+            message["sessionId"] = self.session
+        os.write(self._commands, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            while b"\0" in self._buffer:
+                raw, self._buffer = self._buffer.split(b"\0", 1)
+                answer = json.loads(raw)
+                if answer.get("id") == self._next_id:
+                    assert "error" not in answer, answer
+                    return answer["result"]
+            if select.select([self._answers], [], [], 1)[0]:
+                self._buffer += os.read(self._answers, 1 << 20)
+        raise TimeoutError(f"Chromium did not answer {method}")
+
+    def evaluate(self, expression: str) -> object:
+        return self.call("Runtime.evaluate", expression=expression,
+                         returnByValue=True)["result"]["value"]
+
+    def close(self) -> None:
+        """Ask the browser to quit; kill it if it does not."""
+        self.session = None
+        try:
+            self.call("Browser.close")
+            self.process.wait(timeout=30)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            os.close(self._commands)
+            os.close(self._answers)
+
+
+def test_clicking_a_header_sorts_the_trials_table_in_chromium(sweep: Path) -> None:
+    html = config.load(sweep).sweep_dir / "report.html"
+    rows = Page(html.read_text()).tables["Top trials"]
+    header, body = rows[0], rows[1:]
+    width_of = {int(r[0]): float(r[header.index("width")]) for r in body}
+    browser = DevTools(sweep.parent / "chromium-devtools")
+    try:
+        target = browser.call("Target.createTarget", url=html.as_uri())["targetId"]
+        browser.session = browser.call("Target.attachToTarget", targetId=target,
+                                       flatten=True)["sessionId"]
+        deadline = time.monotonic() + 60
+        loaded = f"location.href === {json.dumps(html.as_uri())} && document.readyState"
+        while browser.evaluate(loaded) != "complete":  # not the blank page before it
+            assert time.monotonic() < deadline, "the report did not load"
+            time.sleep(0.2)
+        order = ("[...document.querySelectorAll('#trials tbody tr')]"
+                 ".map(r => +r.cells[0].textContent)")
+
+        def click(column: str) -> list[int]:
+            """A real mouse click (press, release) in the middle of the header cell."""
+            x, y = browser.evaluate(
+                f"(() => {{ const th = [...document.querySelectorAll('#trials th')].find("
+                f"t => t.textContent.trim() === {json.dumps(column)}); th.scrollIntoView();"
+                f" const r = th.getBoundingClientRect(); return [r.x + r.width / 2,"
+                f" r.y + r.height / 2]; }})()")
+            for kind in ("mousePressed", "mouseReleased"):
+                browser.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left",
+                             clickCount=1)
+            return browser.evaluate(order)
+
+        assert browser.evaluate(order) == [0, 1, 2, 3]
+        assert click("#") == [3, 2, 1, 0]  # first click: descending
+        assert click("#") == [0, 1, 2, 3]  # second: ascending
+        # ties keep the order they had (the sort is stable)
+        assert click("width") == sorted(width_of, key=lambda n: -width_of[n])
+        assert click("width") == sorted(width_of, key=lambda n: width_of[n])
+    finally:
+        browser.close()

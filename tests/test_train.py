@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 
-from conftest import hpcdl_env, run_hpcdl, run_mpi
-from hpcdl import callbacks, data, store
+from conftest import evaluate_model, hpcdl_env, run_hpcdl, run_mpi, write_sweep_config
+from hpcdl import callbacks, config, data, store, study
 from hpcdl.config import EPOCH_METRICS
 
 pytestmark = [pytest.mark.slow]
@@ -72,7 +73,9 @@ def test_one_rank(results: Path) -> None:
     assert set(run.epochs) >= set(EPOCH_METRICS)
     assert run.attrs["params"]["width"] == 64 and run.attrs["versions"]["keras"].startswith("2.18")
     assert not (results / "one.h5.ckpt").exists()  # checkpoints dropped once complete
+    before = out.read_bytes(), out.stat().st_mtime_ns
     again = run_hpcdl(*train_args(results, out))  # a finished run is never overwritten
+    assert (out.read_bytes(), out.stat().st_mtime_ns) == before, "the finished run was rewritten"
     assert again.returncode == 2 and "already finished (completed)" in again.stderr
 
 
@@ -175,3 +178,86 @@ def test_training_batches_leave_no_autotuner_to_outlive_fit() -> None:
     assert dataset.options().autotune.enabled is False
     labels = [y.numpy() for _, y in dataset]
     assert len(labels) == 2 * batches.steps and all(len(set(b)) == 3 for b in labels)
+
+
+# the best trial of a made-up study: narrow and slow to learn, so that after one epoch the
+# per-rank losses on the test shards differ and an unweighted mean would show
+FINAL_PARAMS = {"width": 16, "depth": 1, "learning_rate": 3.0e-4, "dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory: pytest.TempPathFactory, digits_h5: Path) -> Path:
+    """A results dir with digits prepared from an npz: a 7-row test split (shards of 4 and 3
+    rows at 2 ranks) and an odd validation split."""
+    results = tmp_path_factory.mktemp("uneven")
+    with h5py.File(digits_h5) as f:
+        arrays = {"x": np.concatenate([f["train/x"][()], f["val/x"][()]]),
+                  "y": np.concatenate([f["train/y"][()], f["val/y"][()]]),
+                  "x_test": f["test/x"][:7], "y_test": f["test/y"][:7]}
+    np.savez(results / "digits.npz", **arrays)
+    prepared = run_hpcdl("prepare", f"npz:{results / 'digits.npz'}", "--val-fraction", "0.22",
+                         "--out", str(results / "data" / "digits.h5"))
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    sizes = data.dataset_info(results / "data" / "digits.h5").sizes
+    assert sizes["test"] == 7 and sizes["val"] % 2 == 1, sizes
+    return results
+
+
+@pytest.fixture(scope="module")
+def final_run(uneven: Path) -> Path:
+    """`hpcdl final` at 2 ranks on a study whose one complete trial has FINAL_PARAMS."""
+    cfg_path = write_sweep_config(uneven, search={"n_trials": 1})
+    cfg = config.load(cfg_path)
+    s = study.open_study(cfg)
+    s.enqueue_trial(FINAL_PARAMS)
+    trial = s.ask()
+    assert study.suggest(trial, cfg.section("search")["space"]) == FINAL_PARAMS
+    s.tell(trial, 0.5)
+    result = run_mpi(2, "hpcdl", "final", "--config", str(cfg_path), "--set", "epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cfg_path
+
+
+@pytest.mark.mpi
+def test_best_model_loads_and_was_trained_on_train_and_val(final_run: Path) -> None:
+    cfg = config.load(final_run)
+    sizes = data.dataset_info(cfg.dataset_file).sizes
+    run = store.read_run(cfg.paths.best_run)
+    assert run.attrs["stop_reason"] == "completed" and run.attrs["best_trial"] == 0
+    assert run.attrs["params"] | FINAL_PARAMS == run.attrs["params"]
+    assert "val_loss" not in run.epochs  # nothing held out to validate on
+    # each rank trains on its equal share of train and of val, in batches of 32
+    per_rank = sizes["train"] // 2 + sizes["val"] // 2
+    assert run.attrs["steps_per_epoch"] == per_rank // 32 != (sizes["train"] // 2) // 32
+    reference = evaluate_model(cfg.paths.best_model, cfg.dataset_file, "test")
+    assert reference["input_shape"] == [None, 8, 8, 1]
+    assert reference["accuracy"] == pytest.approx(run.test["accuracy"], rel=1e-6)
+
+
+@pytest.mark.mpi
+def test_val_and_test_metrics_are_weighted_by_shard_size(final_run: Path, tmp_path: Path
+                                                         ) -> None:
+    cfg = config.load(final_run)
+    # test: the 2-rank run's metrics over shards of 4 and 3 rows equal one process's
+    # evaluation of the same saved weights on all 7 rows
+    run = store.read_run(cfg.paths.best_run)
+    reference = evaluate_model(cfg.paths.best_model, cfg.dataset_file, "test")
+    assert run.test["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+    assert run.test["accuracy"] == pytest.approx(reference["accuracy"], rel=1e-6)
+    # val: a dataset whose val split holds the test rows; the last epoch's val metrics and the
+    # test metrics come from the same final weights, so they must be equal
+    (tmp_path / "data").mkdir()
+    same = tmp_path / "data" / "digits.h5"
+    with h5py.File(cfg.dataset_file) as source, h5py.File(same, "w") as copy:
+        copy.attrs.update(source.attrs)
+        for split in ("train", "test"):
+            source.copy(source[split], copy, name=split)
+        source.copy(source["test"], copy, name="val")
+    out = tmp_path / "val-is-test.h5"
+    result = run_mpi(2, "hpcdl", *train_args(tmp_path, out, "epochs=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    val_is_test = store.read_run(out)
+    assert val_is_test.epochs["val_loss"][-1] == pytest.approx(val_is_test.test["loss"],
+                                                               rel=1e-9)
+    assert val_is_test.epochs["val_accuracy"][-1] == pytest.approx(
+        val_is_test.test["accuracy"], abs=1e-9)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from optuna.trial import TrialState
 
-from conftest import REPO, hpcdl_env
-from hpcdl import config, store
+from conftest import REPO, evaluate_model, hpcdl_env
+from hpcdl import config, data, store, study
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
@@ -30,32 +31,68 @@ def test_local_profile_does_not_pin_concurrent_jobs_to_the_same_core() -> None:
     assert cores == [str(sorted(os.sched_getaffinity(0)))] * 2
 
 
-def test_local_profile_runs_the_whole_sweep(results: Path) -> None:
+def snakemake(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
+    """Snakemake in the repository, as `make demo` runs it."""
+    return subprocess.run(["snakemake", *args], cwd=REPO, env=hpcdl_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_local_profile_runs_the_whole_sweep(tmp_path: Path) -> None:
+    results = tmp_path  # no dataset file: the prepare rule writes it
     layer = results / "layer.yaml"
     layer.write_text(yaml.safe_dump({"results_dir": str(results), "search": {"n_trials": 3},
                                      "train": {"intra_op_threads": 1}}))
-    run = subprocess.run(["snakemake", "--profile", "profiles/local", "--configfile",
-                          "configs/smoke.yaml", str(layer)], cwd=REPO, env=hpcdl_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         timeout=1500, check=False)
+    # 4 cores' worth of jobs on this 2-core machine: the two 2-rank workers run side by side
+    run = snakemake("--profile", "profiles/local", "--cores", "4", "--configfile",
+                    "configs/smoke.yaml", str(layer))
     assert run.returncode == 0, run.stdout[-4000:]
+    assert "rule prepare:" in run.stdout
     cfg = config.load(REPO / "configs" / "smoke.yaml", [f"results_dir={results}"])
     for name in ("config.yaml", "workers/0.done", "workers/1.done", "summary.h5",
                  "summary.csv", "best/model.keras", "best/run.h5", "scaling.h5",
                  "report.html", "figures/history.png", "logs/worker-0.log",
-                 "benchmarks/worker-0.tsv"):
+                 "logs/prepare.log", "benchmarks/worker-0.tsv"):
         assert (cfg.sweep_dir / name).exists(), name
-    assert store.read_run(cfg.sweep_dir / "best" / "run.h5").attrs["stop_reason"] == "completed"
-    again = subprocess.run(["snakemake", "--profile", "profiles/local", "--configfile",
-                            "configs/smoke.yaml", str(layer), "-n"], cwd=REPO, env=hpcdl_env(),
-                           capture_output=True, text=True, timeout=300, check=False)
-    assert "Nothing to be done" in again.stdout + again.stderr  # nothing computed is redone
+    assert sum(data.dataset_info(cfg.dataset_file).sizes.values()) == 1797  # all of digits
+    trials = study.load_study(cfg).get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 3, [(t.number, t.state.name) for t in trials]
+    assert {t.system_attrs["hpcdl:worker_id"] for t in finished} == {0, 1}  # both took trials
+    best = store.read_run(cfg.sweep_dir / "best" / "run.h5")
+    assert best.attrs["stop_reason"] == "completed" and best.attrs["ranks"] == 2
+    reference = evaluate_model(cfg.sweep_dir / "best" / "model.keras", cfg.dataset_file, "test")
+    assert reference["rows"] == data.dataset_info(cfg.dataset_file).sizes["test"]
+    assert reference["accuracy"] > 0.8  # chance is 0.1
+    assert reference["accuracy"] == pytest.approx(best.test["accuracy"], rel=1e-6)
+    again = snakemake("--profile", "profiles/local", "--configfile", "configs/smoke.yaml",
+                      str(layer), "-n", timeout=300)
+    assert "Nothing to be done" in again.stdout  # nothing computed is redone
     # Snakemake's own report: the sweep report, the summary and every figure, with captions
     snake_report = results / "snakemake-report.html"
-    made = subprocess.run(["snakemake", "--configfile", "configs/smoke.yaml", str(layer),
-                           "--report", str(snake_report)], cwd=REPO, env=hpcdl_env(),
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert made.returncode == 0, made.stderr[-3000:]
+    made = snakemake("--configfile", "configs/smoke.yaml", str(layer), "--report",
+                     str(snake_report), timeout=300)
+    assert made.returncode == 0, made.stdout[-3000:]
     text = snake_report.read_text()
     for name in ("report.html", "summary.csv", "history.png", "curves.png"):
         assert name in text, name
+
+
+def test_demo_shortened_runs_to_its_report(tmp_path: Path) -> None:
+    """`make demo` as CI can afford it: configs/demo.yaml itself (Debian's Fashion-MNIST, two
+    1-rank workers, TPE + Hyperband), with a layer that shrinks only its size."""
+    layer = tmp_path / "layer.yaml"
+    layer.write_text(yaml.safe_dump({"results_dir": str(tmp_path), "search": {"n_trials": 2},
+                                     "train": {"epochs": 2},
+                                     "resources": {"scaling_epochs": 2}}))
+    run = snakemake("--profile", "profiles/local", "--configfile", "configs/demo.yaml",
+                    str(layer))
+    assert run.returncode == 0, run.stdout[-4000:]
+    cfg = config.load(REPO / "configs" / "demo.yaml", [f"results_dir={tmp_path}"])
+    assert data.dataset_info(cfg.dataset_file).sizes == {"train": 54000, "val": 6000,
+                                                          "test": 10000}
+    trials = study.load_study(cfg).get_trials(deepcopy=False)
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 2
+    assert store.read_run(cfg.paths.best_run).attrs["stop_reason"] == "completed"
+    html = cfg.paths.report_html.read_text()
+    assert "Sweep <code>demo</code>" in html and "final retrain (train+val)" in html
