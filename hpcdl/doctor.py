@@ -88,9 +88,7 @@ def _mpi_checks() -> list[Check]:
         import mpi4py
 
         mpi4py.rc.initialize = False  # reading the library version needs no MPI_Init
-        from mpi4py import MPI
-
-        library = MPI.Get_library_version().strip().splitlines()[0]
+        library = parallel.mpi_library()
         checks.append(Check("mpi4py", mpi4py.__version__, True, True))
         checks.append(Check("mpi library", library, True, True))
     except ImportError as exc:

@@ -278,12 +278,19 @@ def allgather_object(obj: Any, name: str) -> list[Any]:
     return hvd.allgather_object(obj, name=name)
 
 
+def mpi_library() -> str:
+    """The MPI library's one-line name; Open MPI ends the string with a NUL byte, which would
+    otherwise go into every run file and report."""
+    from mpi4py import MPI
+
+    return MPI.Get_library_version().strip("\x00 \n").splitlines()[0].strip()
+
+
 def versions() -> dict[str, str]:
     """The versions of the stack this rank trains with (recorded in every run file)."""
     import horovod
     import tensorflow as tf
     import tf_keras
-    from mpi4py import MPI
 
     return {
         "hpcdl": __version__,
@@ -291,7 +298,7 @@ def versions() -> dict[str, str]:
         "tensorflow": tf.__version__,
         "keras": tf_keras.__version__,
         "horovod": horovod.__version__,
-        "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+        "mpi": mpi_library(),
     }
 
 
