@@ -97,6 +97,14 @@ def cluster() -> Iterator[None]:
                    check=False)
 
 
+@pytest.fixture
+def idle_cluster(cluster: None) -> Iterator[None]:
+    """The cluster with an empty queue; whatever a test submitted is cancelled after it."""
+    assert queue() == []
+    yield
+    subprocess.run(["scancel", "--full", "--quiet", "--user", str(os.getuid())], check=False)
+
+
 def all_trials(cfg: config.Config) -> dict[int, FrozenTrial]:
     s = optuna.load_study(study_name=cfg.name, storage=study.open_storage(cfg))
     return {t.number: t for t in s.get_trials()}
@@ -135,7 +143,7 @@ def check_rerun_from_checkpoint(cfg: config.Config, lost: FrozenTrial, reasons: 
 
 
 @pytest.mark.timeout(SWEEP_TEST_TIMEOUT)
-def test_snakemake_sweep_on_slurm_survives_a_cancelled_worker(cluster: None,
+def test_snakemake_sweep_on_slurm_survives_a_cancelled_worker(idle_cluster: None,
                                                                results: Path) -> None:
     """2 workers of 2 ranks (one per node) via srun --mpi=pmix; one worker job is cancelled
     mid-trial, as a preemption or a lost node would, and Snakemake's retry finishes it."""
@@ -145,14 +153,17 @@ def test_snakemake_sweep_on_slurm_survives_a_cancelled_worker(cluster: None,
     run = subprocess.Popen(["snakemake", *slurm_profile(layer)], cwd=REPO, text=True,
                            env=hpcdl_env(**MULTINODE_MPI), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + SWEEP_S
-    while (victim := trial_with_checkpoint(cfg)) is None:
-        assert time.monotonic() < deadline and run.poll() is None, "no trial checkpointed"
-        time.sleep(0.5)
-    job = victim.system_attrs[liveness.JOB]  # the Slurm job of the worker running it
-    assert job in queue(), (job, queue())
-    subprocess.run(["scancel", job], check=True)
-    output, _ = run.communicate(timeout=deadline - time.monotonic())
+    try:
+        deadline = time.monotonic() + SWEEP_S
+        while (victim := trial_with_checkpoint(cfg)) is None:
+            assert time.monotonic() < deadline and run.poll() is None, "no trial checkpointed"
+            time.sleep(0.5)
+        job = victim.system_attrs[liveness.JOB]  # the Slurm job of the worker running it
+        assert job in queue(), (job, queue())
+        subprocess.run(["scancel", job], check=True)
+        output, _ = run.communicate(timeout=deadline - time.monotonic())
+    finally:
+        run.kill()  # if it is still running; its jobs go with idle_cluster
     assert run.returncode == 0, output[-4000:]
     assert "Trying to restart job" in output, output[-3000:]
 
@@ -188,7 +199,7 @@ def when(record: dict[str, str], field: str) -> datetime:
 
 
 @pytest.mark.timeout(SWEEP_TEST_TIMEOUT)
-def test_hpcdl_submit_prepares_requeues_and_reports(cluster: None, tmp_path: Path) -> None:
+def test_hpcdl_submit_prepares_requeues_and_reports(idle_cluster: None, tmp_path: Path) -> None:
     """No dataset file yet: prepare -> workers (afterok) -> report (afterany). One array task
     gets USR1 mid-trial, as Slurm sends it before the time limit: the trap passes it to the
     ranks, they exit 75, the job is requeued, and the trial resumes from its checkpoint."""
@@ -246,7 +257,7 @@ def test_hpcdl_submit_prepares_requeues_and_reports(cluster: None, tmp_path: Pat
     check_rerun_from_checkpoint(cfg, victim, ("interrupted",), logs)
 
 
-def test_unknown_partition_reaches_the_user(cluster: None, results: Path) -> None:
+def test_unknown_partition_reaches_the_user(idle_cluster: None, results: Path) -> None:
     sweep = results / "bad.yaml"
     document = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
     document.update(results_dir=str(results), resources={"partition": "nosuchpart"})
@@ -262,14 +273,6 @@ def test_unknown_partition_reaches_the_user(cluster: None, results: Path) -> Non
 
 
 # ---------------------------------------------------------------- bad input, nothing submitted
-
-
-@pytest.fixture
-def idle_cluster(cluster: None) -> Iterator[None]:
-    """The cluster with an empty queue; whatever a test submitted is cancelled after it."""
-    assert queue() == []
-    yield
-    subprocess.run(["scancel", "--full", "--quiet", "--user", str(os.getuid())], check=False)
 
 
 def refused(*args: str) -> tuple[int | None, list[str], list[str]]:
