@@ -33,9 +33,11 @@ class Script:
 
 def _header(config: Config, job: str, options: dict[str, str | int | None]) -> str:
     res = config.section("resources")
+    # %a is only meaningful in an array: Slurm writes 4294967294 for it in a plain job
+    job_id = "%A_%a" if "array" in options else "%j"
     base: dict[str, str | int | None] = {
         "job-name": f"hpcdl-{config.name}-{job}",
-        "output": str(config.paths.logs_dir / f"slurm-{job}-%A_%a.out"),
+        "output": str(config.paths.logs_dir / f"slurm-{job}-{job_id}.out"),
         "time": res["runtime_min"],
         "partition": res["partition"],
         "account": res["account"],
@@ -133,8 +135,9 @@ def sbatch(script: Path, *options: str) -> str:
                               capture_output=True, text=True, check=False, timeout=120)
     except FileNotFoundError as exc:
         raise UserError("sbatch is not on PATH: run hpcdl submit on a Slurm login node") from exc
-    if done.returncode != 0:
-        raise UserError(f"sbatch {script.name} ({script}) failed: {done.stderr.strip()}")
+    if done.returncode != 0:  # one line, as every user error is
+        slurm_says = "; ".join(done.stderr.strip().splitlines())
+        raise UserError(f"sbatch {script.name} ({script}) failed: {slurm_says}")
     return done.stdout.strip().split(";")[0]
 
 

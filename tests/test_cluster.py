@@ -1,22 +1,27 @@
 """The workflow on a real Slurm cluster (two emulated nodes, started by tests/cluster/slurm-up.sh):
-Snakemake with profiles/slurm, a worker job cancelled and retried, plain `hpcdl submit`,
-the dry run with the cluster down, and bad input refused before any job is submitted."""
+Snakemake with profiles/slurm, a worker job cancelled and retried, plain `hpcdl submit` with its
+prepare job, dependencies and a USR1 -> exit 75 -> requeue, the dry run with the cluster down,
+and bad input refused before any job is submitted."""
 
 from __future__ import annotations
 
-import shutil
+import os
+import re
+import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from conftest import REPO, hpcdl_env, run_hpcdl
-from hpcdl import config, store, study
+from hpcdl import config, liveness, store, study
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -24,6 +29,11 @@ CLUSTER = REPO / "tests" / "cluster"
 # Open MPI between the two emulated nodes of one host: TCP on loopback (stack notes).
 MULTINODE_MPI = {"OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": "lo",
                  "OMPI_MCA_oob_tcp_if_include": "lo"}
+SLURMCTLD_PORT = 6817  # slurm-up.sh's SlurmctldPort
+CLUSTER_UP_S = 600  # slurm-up.sh may install Slurm first
+SWEEP_S = 1500  # one whole sweep on the loaded test machine
+# pytest-timeout's global 900 s is for ordinary tests; a sweep test may also start the cluster
+SWEEP_TEST_TIMEOUT = CLUSTER_UP_S + SWEEP_S + 300
 
 
 def snakemake(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess[str]:
@@ -50,10 +60,26 @@ def slurm_profile(*configfiles: Path) -> list[str]:
             "--configfile", "configs/smoke.yaml", *map(str, configfiles)]
 
 
+def queue() -> list[str]:
+    """The ids of every job Slurm still holds (pending or running)."""
+    return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
+                          check=True, timeout=60).stdout.split()
+
+
+def slurmctld_answers() -> bool:
+    """Does a Slurm controller answer? False also where Slurm is not installed at all."""
+    try:
+        return subprocess.run(["squeue", "-h"], capture_output=True, timeout=60,
+                              check=False).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
 def test_dry_run_with_the_cluster_down(tmp_path: Path) -> None:
     # this module installs and starts the cluster only after this test
-    if shutil.which("sinfo"):
-        assert subprocess.run(["sinfo"], capture_output=True, check=False).returncode != 0
+    assert not slurmctld_answers(), "a Slurm controller is up: stop it (slurm-down.sh)"
+    with pytest.raises(ConnectionRefusedError):  # nothing listens on slurmctld's port
+        socket.create_connection(("127.0.0.1", SLURMCTLD_PORT), timeout=10).close()
     result = snakemake("-n", *slurm_profile(layer_file(tmp_path)))
     assert result.returncode == 0, result.stdout[-3000:]
     for line in ("sweep_config        1", "prepare             1", "worker              2",
@@ -64,40 +90,83 @@ def test_dry_run_with_the_cluster_down(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
     up = subprocess.run(["bash", str(CLUSTER / "slurm-up.sh")], capture_output=True, text=True,
-                        timeout=600, check=False)
+                        timeout=CLUSTER_UP_S, check=False)
     assert up.returncode == 0, up.stderr
     yield
     subprocess.run(["bash", str(CLUSTER / "slurm-down.sh")], capture_output=True, timeout=120,
                    check=False)
 
 
-def finished(cfg: config.Config) -> list[optuna.trial.FrozenTrial]:
+@pytest.fixture
+def idle_cluster(cluster: None) -> Iterator[None]:
+    """The cluster with an empty queue; whatever a test submitted is cancelled after it."""
+    assert queue() == []
+    yield
+    subprocess.run(["scancel", "--full", "--quiet", "--user", str(os.getuid())], check=False)
+
+
+def all_trials(cfg: config.Config) -> dict[int, FrozenTrial]:
     s = optuna.load_study(study_name=cfg.name, storage=study.open_storage(cfg))
-    return [t for t in s.get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    return {t.number: t for t in s.get_trials()}
 
 
-def test_snakemake_sweep_on_slurm_survives_a_cancelled_worker(cluster: None,
+def finished(cfg: config.Config) -> list[FrozenTrial]:
+    return [t for t in all_trials(cfg).values()
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+
+def trial_with_checkpoint(cfg: config.Config) -> FrozenTrial | None:
+    """A running trial that has kept an epoch checkpoint, if any yet."""
+    for checkpoint in sorted(cfg.paths.trials_dir.glob("*.h5.ckpt/epoch-*")):
+        trial = all_trials(cfg).get(int(checkpoint.parent.name.split(".")[0]))
+        if trial is not None and trial.state == TrialState.RUNNING:
+            return trial
+    return None
+
+
+def check_rerun_from_checkpoint(cfg: config.Config, lost: FrozenTrial, reasons: tuple[str, ...],
+                                logs: str) -> None:
+    """The lost trial is FAILED for `reasons`, re-run exactly once with its params, from its
+    checkpoint, and the re-run finished."""
+    trials = all_trials(cfg)
+    failed = trials[lost.number]
+    assert failed.state == TrialState.FAIL, failed
+    assert failed.system_attrs[study.FAIL_REASON].startswith(reasons), failed.system_attrs
+    reruns = [t for t in trials.values() if t.system_attrs.get("failed_trial") == lost.number]
+    assert len(reruns) == 1, [(t.number, t.state, t.system_attrs) for t in trials.values()]
+    rerun = reruns[0]
+    assert rerun.params == lost.params
+    assert rerun.state in (TrialState.COMPLETE, TrialState.PRUNED), rerun
+    assert store.read_run(cfg.trial_file(rerun.number)).attrs["resumed_from_trial"] == (
+        lost.number)
+    assert f"trial {rerun.number} re-runs trial {lost.number} from its checkpoint" in logs
+
+
+@pytest.mark.timeout(SWEEP_TEST_TIMEOUT)
+def test_snakemake_sweep_on_slurm_survives_a_cancelled_worker(idle_cluster: None,
                                                                results: Path) -> None:
     """2 workers of 2 ranks (one per node) via srun --mpi=pmix; one worker job is cancelled
-    mid-sweep, as a preemption or a lost node would, and Snakemake's retry finishes it."""
-    layer = layer_file(results)
+    mid-trial, as a preemption or a lost node would, and Snakemake's retry finishes it."""
+    # slow epochs (batch 8), no pruning: the cancel lands inside a trial, after a checkpoint
+    layer = layer_file(results, train={"batch_size": 8}, search={"pruner": "none"})
+    cfg = config.load(REPO / "configs" / "smoke.yaml", [f"results_dir={results}"])
     run = subprocess.Popen(["snakemake", *slurm_profile(layer)], cwd=REPO, text=True,
                            env=hpcdl_env(**MULTINODE_MPI), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    while not list((results / "smoke" / "trials").glob("*.h5.ckpt/epoch-*")):
-        assert time.monotonic() < deadline and run.poll() is None, "no trial started"
-        time.sleep(0.1)
-    queue = subprocess.run(["squeue", "-h", "-o", "%i %k"], capture_output=True, text=True,
-                           check=True).stdout.splitlines()
-    workers = [line.split()[0] for line in queue if "worker" in line]
-    assert workers, queue
-    subprocess.run(["scancel", workers[0]], check=True)
-    output, _ = run.communicate(timeout=1500)
+    try:
+        deadline = time.monotonic() + SWEEP_S
+        while (victim := trial_with_checkpoint(cfg)) is None:
+            assert time.monotonic() < deadline and run.poll() is None, "no trial checkpointed"
+            time.sleep(0.5)
+        job = victim.system_attrs[liveness.JOB]  # the Slurm job of the worker running it
+        assert job in queue(), (job, queue())
+        subprocess.run(["scancel", job], check=True)
+        output, _ = run.communicate(timeout=deadline - time.monotonic())
+    finally:
+        run.kill()  # if it is still running; its jobs go with idle_cluster
     assert run.returncode == 0, output[-4000:]
     assert "Trying to restart job" in output, output[-3000:]
 
-    cfg = config.load(REPO / "configs" / "smoke.yaml", [f"results_dir={results}"])
     for name in ("report.html", "summary.h5", "summary.csv", "best/model.keras", "best/run.h5",
                  "scaling.h5", "workers/0.done", "workers/1.done", "config.yaml",
                  "benchmarks/worker-0.tsv", "logs/worker-1.log"):
@@ -106,77 +175,183 @@ def test_snakemake_sweep_on_slurm_survives_a_cancelled_worker(cluster: None,
     for trial in finished(cfg):  # each worker's 2 ranks ran on the 2 nodes
         assert sorted(store.read_run(cfg.trial_file(trial.number)).attrs["hosts"]) == [
             "n1", "n2"]
+    # scancel: SIGTERM to every rank (they mark the trial interrupted), or a worker lost
+    logs = "".join(p.read_text() for p in cfg.paths.logs_dir.glob("worker-*.log"))
+    check_rerun_from_checkpoint(cfg, victim, ("interrupted", "worker lost"), logs)
 
 
-def test_hpcdl_submit_on_slurm(cluster: None, results: Path) -> None:
-    sweep = results / "sub.yaml"
+def job_records(job: str) -> dict[str, dict[str, str]]:
+    """`scontrol show job` for a job (an array: each of its tasks), by <id> or <array>_<task>;
+    empty once Slurm has forgotten it (MinJobAge)."""
+    shown = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True,
+                           text=True, check=False, timeout=60)
+    records = {}
+    for line in shown.stdout.splitlines() if shown.returncode == 0 else []:
+        fields = dict(re.findall(r"(\S+?)=(\S*)", line))
+        task = fields.get("ArrayTaskId", "")
+        key = f"{fields['ArrayJobId']}_{task}" if task.isdigit() else fields["JobId"]
+        records[key] = fields
+    return records
+
+
+def when(record: dict[str, str], field: str) -> datetime:
+    return datetime.fromisoformat(record[field])
+
+
+@pytest.mark.timeout(SWEEP_TEST_TIMEOUT)
+def test_hpcdl_submit_prepares_requeues_and_reports(idle_cluster: None, tmp_path: Path) -> None:
+    """No dataset file yet: prepare -> workers (afterok) -> report (afterany). One array task
+    gets USR1 mid-trial, as Slurm sends it before the time limit: the trap passes it to the
+    ranks, they exit 75, the job is requeued, and the trial resumes from its checkpoint."""
+    sweep = tmp_path / "sub.yaml"
     document = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
-    document.update(name="submitted", results_dir=str(results))
-    document["search"]["n_trials"] = 3
-    document["train"]["intra_op_threads"] = 1
+    document.update(name="submitted", results_dir=str(tmp_path))
+    document["search"].update(n_trials=3, pruner="none")
+    document["train"].update(intra_op_threads=1, batch_size=8)  # slow epochs, see above
     document["resources"] = {"workers": 2, "nodes": 1, "ranks_per_node": 2}
     sweep.write_text(yaml.safe_dump(document))
+    cfg = config.load(sweep)
+    assert not cfg.dataset_file.exists()
     result = run_hpcdl("submit", "--config", str(sweep), **MULTINODE_MPI)
     assert result.returncode == 0, result.stderr
-    ids = dict(line.split(": ") for line in result.stdout.split("\n") if ": " in line)
-    assert set(ids) == {"workers", "report"}  # the dataset file exists: no prepare job
-    report = results / "submitted" / "report.html"
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        queue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
-                               check=True).stdout.split()
-        if not queue:
+    ids = dict(line.split(": ") for line in result.stdout.splitlines())
+    assert list(ids) == ["prepare", "workers", "report"]
+    # right after submission (prepare takes seconds, the array minutes); once fulfilled,
+    # Slurm shows (null), so the start and end times below check the order as well
+    assert {r["Dependency"] for r in job_records(ids["workers"]).values()} == {
+        f"afterok:{ids['prepare']}(unfulfilled)"}
+    assert {r["Dependency"] for r in job_records(ids["report"]).values()} == {
+        f"afterany:{ids['workers']}_*(unfulfilled)"}
+
+    seen: dict[str, dict[str, str]] = {}  # last record of every job, kept past MinJobAge
+    victim: FrozenTrial | None = None
+    deadline = time.monotonic() + SWEEP_S
+    while True:
+        assert time.monotonic() < deadline, seen
+        active = queue()
+        for job in ids.values():
+            seen.update(job_records(job))
+        if not active:
             break
+        if victim is None and (victim := trial_with_checkpoint(cfg)) is not None:
+            subprocess.run(["scancel", "--signal=USR1", "--batch",
+                            victim.system_attrs[liveness.JOB]], check=True)
         time.sleep(1)
-    assert report.is_file(), list((results / "submitted" / "logs").glob("*"))
-    cfg = config.load(sweep)
+
+    tasks = [f"{ids['workers']}_{i}" for i in (0, 1)]
+    assert {job: seen[job]["JobState"] for job in (ids["prepare"], *tasks, ids["report"])} == {
+        job: "COMPLETED" for job in (ids["prepare"], *tasks, ids["report"])}
+    for task in tasks:  # the dependencies held: prepare < both array tasks < report
+        assert when(seen[ids["prepare"]], "EndTime") <= when(seen[task], "StartTime")
+        assert when(seen[task], "EndTime") <= when(seen[ids["report"]], "StartTime")
+    assert victim is not None, "no trial reached a checkpoint"
+    assert int(seen[victim.system_attrs[liveness.JOB]]["Restarts"]) == 1
+    assert cfg.paths.report_html.is_file(), list(cfg.paths.logs_dir.glob("*"))
     assert len(finished(cfg)) == 3
-    state = subprocess.run(["scontrol", "show", "job", ids["report"]], capture_output=True,
-                           text=True, check=False).stdout
-    assert "Dependency" in state or "COMPLETED" in state
+    # one log per job, named by its job id (array tasks: <array>_<task>); the requeued task's
+    # two runs append to one
+    assert sorted(p.name for p in cfg.paths.logs_dir.glob("slurm-*.out")) == sorted(
+        [f"slurm-prepare-{ids['prepare']}.out", f"slurm-report-{ids['report']}.out",
+         *(f"slurm-workers-{task}.out" for task in tasks)])
+    logs = "".join(p.read_text() for p in cfg.paths.logs_dir.glob("slurm-workers-*.out"))
+    check_rerun_from_checkpoint(cfg, victim, ("interrupted",), logs)
 
 
-def test_unknown_partition_reaches_the_user(cluster: None, results: Path) -> None:
+def test_unknown_partition_reaches_the_user(idle_cluster: None, results: Path) -> None:
     sweep = results / "bad.yaml"
     document = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
     document.update(results_dir=str(results), resources={"partition": "nosuchpart"})
     sweep.write_text(yaml.safe_dump(document))
     result = run_hpcdl("submit", "--config", str(sweep))
     assert result.returncode == 2
-    assert "sbatch workers.sbatch" in result.stderr and "invalid partition" in (
-        result.stderr.lower())
+    script = config.load(sweep).paths.sbatch_script("workers")
+    assert result.stderr.splitlines() == [
+        f"hpcdl submit: error: sbatch workers.sbatch ({script}) failed: "
+        "sbatch: error: invalid partition specified: nosuchpart; "
+        "sbatch: error: Batch job submission failed: Invalid partition name specified"]
+    assert queue() == []
 
 
 # ---------------------------------------------------------------- bad input, nothing submitted
 
 
-def test_schema_error_names_the_key(tmp_path: Path) -> None:
-    layer = layer_file(tmp_path, search={"n_trials": 0})
-    result = snakemake("-n", *slurm_profile(layer))
-    assert result.returncode != 0
-    assert "n_trials" in result.stdout and "minimum" in result.stdout
+def refused(*args: str) -> tuple[int | None, list[str], list[str]]:
+    """Snakemake for real (not -n) on bad input: its exit code (None if it still ran after
+    120 s, i.e. it went ahead), its output lines, and the Slurm queue when it stopped."""
+    with subprocess.Popen(["snakemake", *args], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=hpcdl_env(**MULTINODE_MPI),
+                          start_new_session=True) as run:
+        try:
+            output, _ = run.communicate(timeout=120)
+            code: int | None = run.returncode
+        except subprocess.TimeoutExpired:
+            jobs = queue()
+            os.killpg(run.pid, signal.SIGKILL)
+            return None, run.communicate()[0].splitlines(), jobs
+        return code, output.splitlines(), queue()
 
 
-def test_missing_configfile(tmp_path: Path) -> None:
-    result = snakemake("-n", *slurm_profile(tmp_path / "nope.yaml"))
-    assert result.returncode != 0 and "nope.yaml" in result.stdout
+def check_one_line(outcome: tuple[int | None, list[str], list[str]], line: str) -> None:
+    """Exit 2, the one line that names file, key, value and what was expected; no job."""
+    code, lines, jobs = outcome
+    assert (code, jobs) == (2, []), lines[-20:]
+    # snakemake prints only the profile it uses besides hpcdl's line
+    assert [ln for ln in lines if not ln.startswith("Using ")] == [line]
 
 
-def test_workers_below_one(tmp_path: Path) -> None:
-    result = snakemake("-n", *slurm_profile(layer_file(tmp_path, resources={"workers": 0})))
-    assert result.returncode != 0 and "workers" in result.stdout
+def test_schema_error_names_the_layer_file_and_key(idle_cluster: None, tmp_path: Path) -> None:
+    layer = layer_file(tmp_path, search={"n_trials": 0})  # smoke.yaml sets 6, the layer 0
+    check_one_line(refused(*slurm_profile(layer)),
+                   f"{layer}: search.n_trials: 0 is less than the minimum of 1")
+    # the same one line from `hpcdl submit` on a single file
+    sweep = tmp_path / "sweep.yaml"
+    document = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    document.update(results_dir=str(tmp_path), search={**document["search"], "n_trials": 0})
+    sweep.write_text(yaml.safe_dump(document))
+    result = run_hpcdl("submit", "--config", str(sweep))
+    assert (result.returncode, result.stderr.splitlines()) == (
+        2, [f"hpcdl submit: error: {sweep}: search.n_trials: 0 is less than the minimum of 1"])
+    assert queue() == [] and not (tmp_path / "smoke").exists()
 
 
-def test_more_ranks_than_gpus(tmp_path: Path) -> None:
+def test_a_key_set_only_in_the_first_configfile_names_that_file(idle_cluster: None,
+                                                                tmp_path: Path) -> None:
+    first = tmp_path / "first.yaml"
+    document = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    document["search"]["sampler"] = "annealing"
+    first.write_text(yaml.safe_dump(document))
+    layer = layer_file(tmp_path)
+    check_one_line(refused("--profile", "profiles/slurm", "--workflow-profile",
+                           "tests/cluster/profile", "--configfile", str(first), str(layer)),
+                   f"{first}: search.sampler: 'annealing' is not one of "
+                   "['tpe', 'random', 'grid', 'cmaes', 'qmc']")
+
+
+def test_missing_configfile(idle_cluster: None, tmp_path: Path) -> None:
+    # Snakemake reads --configfile files before the Snakefile runs: its own error, exit 1
+    code, lines, jobs = refused(*slurm_profile(tmp_path / "nope.yaml"))
+    assert (code, jobs) == (1, [])
+    assert (f"FileNotFoundError: [Errno 2] No such file or directory: "
+            f"'{tmp_path / 'nope.yaml'}'") in lines
+
+
+def test_workers_below_one(idle_cluster: None, tmp_path: Path) -> None:
+    layer = layer_file(tmp_path, resources={"workers": 0})
+    check_one_line(refused(*slurm_profile(layer)),
+                   f"{layer}: resources.workers: 0 is less than the minimum of 1")
+
+
+def test_more_ranks_than_gpus(idle_cluster: None, tmp_path: Path) -> None:
     layer = layer_file(tmp_path, resources={"gpus_per_node": 2, "ranks_per_node": 4})
-    result = snakemake("-n", *slurm_profile(layer))
-    assert result.returncode != 0
-    assert "ranks_per_node: 4 ranks per node but only 2 GPUs per node" in result.stdout
+    check_one_line(refused(*slurm_profile(layer)),
+                   f"{layer}: resources.ranks_per_node: 4 ranks per node but only 2 GPUs per "
+                   "node; one rank drives one GPU")
 
 
-def test_missing_container_with_apptainer(tmp_path: Path) -> None:
-    layer = layer_file(tmp_path, resources={"container": str(tmp_path / "none.sif")})
-    result = snakemake("-n", "--profile", "profiles/slurm", "--configfile", "configs/smoke.yaml",
-                       str(layer))
-    assert result.returncode != 0
-    assert f"resources.container: {tmp_path / 'none.sif'} does not exist" in result.stdout
+def test_missing_container_with_apptainer(idle_cluster: None, tmp_path: Path) -> None:
+    image = tmp_path / "none.sif"
+    layer = layer_file(tmp_path, resources={"container": str(image)})
+    check_one_line(refused("--profile", "profiles/slurm", "--configfile", "configs/smoke.yaml",
+                           str(layer)),
+                   f"{layer}: resources.container: {image} does not exist (build it with: "
+                   "apptainer build hpcdl.sif containers/hpcdl.def)")

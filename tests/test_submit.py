@@ -1,12 +1,14 @@
-"""hpcdl/submit.py: the rendered sbatch scripts against a recorded golden file."""
+"""hpcdl/submit.py: the rendered sbatch scripts against a recorded golden file, and
+`hpcdl submit --dry-run` / `--apptainer` as a user runs them (no cluster needed)."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_hpcdl, write_sweep_config
 from hpcdl import config, submit
 
 GOLDEN = REPO / "tests" / "data" / "sweep.sbatch.golden"
@@ -40,6 +42,11 @@ def test_scripts_carry_the_cluster_contract(tmp_path: Path,
         assert line in workers, line
     sbatch_lines = [ln for ln in workers.splitlines() if ln.startswith("#SBATCH")]
     assert sbatch_lines == sorted(sbatch_lines)
+    # %a is the array index; Slurm writes 4294967294 for it in a job that is not an array
+    outputs = [ln for ln in text.splitlines() if ln.startswith("#SBATCH --output=")]
+    assert outputs == ["#SBATCH --output=results/smoke/logs/slurm-prepare-%j.out",
+                       "#SBATCH --output=results/smoke/logs/slurm-workers-%A_%a.out",
+                       "#SBATCH --output=results/smoke/logs/slurm-report-%j.out"]
 
 
 def test_missing_container_is_refused_before_sbatch(tmp_path: Path) -> None:
@@ -47,3 +54,54 @@ def test_missing_container_is_refused_before_sbatch(tmp_path: Path) -> None:
     with pytest.raises(submit.UserError, match=r"resources\.container: /nope\.sif does not exist"):
         submit.submit(cfg, "/nope.sif")
     assert not (tmp_path / "smoke" / "slurm").exists()
+
+
+def dry_run(tmp_path: Path, *flags: str, **resources: object) -> tuple[str, Path]:
+    """`hpcdl submit --dry-run` on a smoke sweep under tmp_path; its stdout and sweep dir."""
+    cfg = write_sweep_config(tmp_path, name="dry", resources={"workers": 2, **resources})
+    result = run_hpcdl("submit", "--config", str(cfg), "--dry-run", *flags, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout, tmp_path / "dry"
+
+
+def script_commands(stdout: str) -> dict[str, list[str]]:
+    """Each printed script's name -> its `hpcdl ...` command lines (srun prefix kept)."""
+    scripts = {}
+    for chunk in stdout.split("# ---- ")[1:]:
+        header, body = chunk.split("\n", 1)
+        scripts[Path(header).stem] = [ln for ln in body.splitlines() if " hpcdl " in f" {ln}"]
+    return scripts
+
+
+def test_dry_run_prints_the_three_scripts_and_submits_nothing(tmp_path: Path) -> None:
+    stdout, sweep_dir = dry_run(tmp_path)
+    # named by the paths `hpcdl submit` would write them to, in submission order
+    assert [ln for ln in stdout.splitlines() if ln.startswith("# ---- ")] == [
+        f"# ---- {sweep_dir / 'slurm' / name}.sbatch" for name in ("prepare", "workers", "report")]
+    commands = script_commands(stdout)
+    cfg = shlex.quote(str(sweep_dir / "config.yaml"))
+    assert commands == {
+        "prepare": [f"hpcdl prepare --config {cfg} --force"],
+        "workers": ["srun --mpi=pmix --kill-on-bad-exit=1 hpcdl worker --config "
+                    f"{cfg} --worker-id $SLURM_ARRAY_TASK_ID &"],
+        "report": [f"srun --mpi=pmix --kill-on-bad-exit=1 hpcdl final --config {cfg}",
+                   f"hpcdl aggregate --config {cfg}", f"hpcdl report --config {cfg}"]}
+    assert "#SBATCH --array=0-1" in stdout and "apptainer" not in stdout
+    # nothing written (no scripts, no config copy, no log dir), so nothing could be submitted
+    assert not sweep_dir.exists()
+
+
+def test_apptainer_wraps_every_step_in_the_image(tmp_path: Path) -> None:
+    image = tmp_path / "hpcdl.sif"
+    image.write_bytes(b"")
+    stdout, sweep_dir = dry_run(tmp_path, "--apptainer", container=str(image))
+    wrap = f"apptainer exec --nv --bind {shlex.quote(str(Path.cwd()))} {image} hpcdl "
+    commands = script_commands(stdout)
+    assert sorted(commands) == ["prepare", "report", "workers"]
+    lines = [ln.removeprefix("srun --mpi=pmix --kill-on-bad-exit=1 ")
+             for found in commands.values() for ln in found]
+    for line in lines:  # srun starts the image on every rank (the hybrid model), not inside it
+        assert line.startswith(wrap), line
+    assert [ln.removeprefix(wrap).split()[0] for ln in lines] == [
+        "prepare", "worker", "final", "aggregate", "report"]
+    assert not sweep_dir.exists()
