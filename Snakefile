@@ -28,40 +28,17 @@ def config_layers() -> list[tuple[str, dict]]:
     return layers
 
 
-def layer_setting(key: str) -> str:
-    """The config layer a dotted key's value came from: the last layer that sets it (or, if
-    none does, its nearest parent), so the user is sent to the file to fix; all if none."""
-    layers = config_layers()
-    parts = key.split(".")
-    for depth in range(len(parts), 0, -1):
-        for name, document in reversed(layers):
-            node = document
-            for part in parts[:depth]:
-                if not isinstance(node, dict) or part not in node:
-                    break
-                node = node[part]
-            else:
-                return name
-    return ", ".join(name for name, _ in layers) or "(no --configfile given)"
-
-
-def check_sweep_config(apptainer: bool) -> None:
-    """hpcdl's own checks (the schema, then search space, metrics, ranks vs GPUs, container)
-    before anything runs: bad input is one line naming the file, key, value and what was
-    expected, exit 2, and no job submitted."""
-    try:
-        hpcdl.config.Config(config, origin="").check_container(apptainer=apptainer)
-    except ConfigError as exc:
-        problem = str(exc).removeprefix(": ")  # "<key>: <what is wrong>"
-        print(f"{layer_setting(problem.split(': ', 1)[0])}: {problem}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-
-
 APPTAINER = "APPTAINER" in str(workflow.deployment_settings.deployment_method).upper()
-check_sweep_config(APPTAINER)
+# hpcdl's own checks first (schema, search space, metrics, ranks vs GPUs, container): bad input
+# is one line naming the file that sets the key, the value and what was expected, exit 2, and
+# no job is submitted.
+try:
+    SWEEP_CONFIG = hpcdl.config.from_layers(config, config_layers(), apptainer=APPTAINER)
+except ConfigError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
 # The one schema, shared with hpcdl's own loader: fills the same defaults into `config`.
 validate(config, "configs/schema.yaml")
-SWEEP_CONFIG = hpcdl.config.Config(config, origin=" + ".join(n for n, _ in config_layers()))
 
 # every file of the sweep, from the one owner of the layout
 PATHS = SWEEP_CONFIG.paths

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -237,6 +237,34 @@ class Config:
 
     def trial_file(self, number: int | str) -> Path:
         return self.paths.trial_file(number)
+
+
+def layer_of(key: str, layers: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """The config layer (file) a dotted key's value came from: the last layer that sets it, or
+    its nearest parent, so the user is sent to the file to fix; all layers if none does."""
+    parts = key.split(".")
+    for depth in range(len(parts), 0, -1):
+        for name, document in reversed(layers):
+            node: Any = document
+            for part in parts[:depth]:
+                if not isinstance(node, Mapping) or part not in node:
+                    break
+                node = node[part]
+            else:
+                return name
+    return ", ".join(name for name, _ in layers) or "(no --configfile given)"
+
+
+def from_layers(document: dict[str, Any], layers: Sequence[tuple[str, Mapping[str, Any]]],
+                apptainer: bool) -> Config:
+    """Snakemake's merged config, checked; an error names the layer that set the bad key.
+    `layers`: (name, document) lowest precedence first (the --configfile files, --config)."""
+    try:
+        Config(document, origin="").check_container(apptainer=apptainer)
+    except ConfigError as exc:
+        problem = str(exc).removeprefix(": ")  # "<key>: <what is wrong>"
+        raise ConfigError(f"{layer_of(problem.split(': ', 1)[0], layers)}: {problem}") from None
+    return Config(document, origin=" + ".join(name for name, _ in layers))
 
 
 def require_container(image: str, origin: str) -> None:

@@ -138,3 +138,18 @@ def test_demo_config_loads_and_validates() -> None:
     assert cfg.params["epochs"] == 30
     assert (resources["workers"], resources["ranks_per_node"]) == (2, 1)
     assert cfg.dataset_file == Path("results/data/fashion_mnist.h5")
+
+
+def test_an_error_names_the_layer_that_sets_the_key() -> None:
+    """Snakemake merges several --configfile layers: the error sends the user to the one file
+    that set the bad value (or its section), not to the merged whole."""
+    smoke = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    layers = [("smoke.yaml", smoke), ("layer.yaml", {"search": {"n_trials": 0}})]
+    merged = {**smoke, "search": {**smoke["search"], "n_trials": 0}}
+    with pytest.raises(ConfigError) as info:
+        config.from_layers(merged, layers, apptainer=False)
+    assert str(info.value) == "layer.yaml: search.n_trials: 0 is less than the minimum of 1"
+    assert config.layer_of("search.space.width", layers) == "smoke.yaml"
+    assert config.layer_of("storage", layers) == "smoke.yaml, layer.yaml"  # a default
+    cfg = config.from_layers(smoke, layers[:1], apptainer=False)
+    assert cfg.origin == "smoke.yaml"
