@@ -1,18 +1,22 @@
-"""hpcdl/study.py and liveness.py on real Optuna storages (journal and SQLite files): budget,
-stale-trial recovery, samplers, pruners, search space, storage URLs."""
+"""hpcdl/study.py and liveness.py on real Optuna storages (journal and SQLite files, a PostgreSQL
+server): budget, stale-trial recovery, samplers, pruners, search space, storage URLs, and
+`hpcdl dashboard` on the database storages."""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import write_sweep_config
+from conftest import free_port, hpcdl_env, write_sweep_config
 from hpcdl import config, liveness, study
 from hpcdl.errors import ConfigError
 
@@ -258,3 +262,44 @@ def test_bad_objectives(tmp_path: Path, search: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         config.load(write_sweep_config(tmp_path, search=search))
     assert message in str(info.value)
+
+
+def get_json(url: str, timeout: float = 120) -> Any:
+    """GET url's JSON, retrying while the server starts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.load(response)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_dashboard_serves_rdb_storages(tmp_path: Path, backend: str,
+                                       request: pytest.FixtureRequest) -> None:
+    url = (f"sqlite:///{tmp_path}/s.db" if backend == "sqlite"
+           else request.getfixturevalue("postgres"))
+    name = f"dashboard-{backend}"  # the PostgreSQL server is shared by the session's tests
+    cfg_path = write_sweep_config(tmp_path, name=name, storage=url)
+    s = study.open_study(config.load(cfg_path))
+    for value in (0.25, 0.75):
+        s.tell(s.ask(), value)
+    port = free_port()
+    server = subprocess.Popen(["hpcdl", "dashboard", "--config", str(cfg_path), "--port",
+                               str(port)], env=hpcdl_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        listed = get_json(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]
+        [ours] = [x for x in listed if x["study_name"] == name]
+        detail = get_json(f"http://127.0.0.1:{port}/api/studies/{ours['study_id']}")
+        assert detail["name"] == name
+        assert [t["values"] for t in detail["trials"]] == [[0.25], [0.75]]
+    finally:
+        server.terminate()
+        out, _ = server.communicate(timeout=30)
+    assert f"optuna-dashboard for sweep {name} ({url}) at http://127.0.0.1:{port}/" in out
