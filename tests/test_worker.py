@@ -246,19 +246,21 @@ def test_rdb_kill_9_is_failed_by_optuna_heartbeat_and_resumed(
     assert rerun.params == lost.params and rerun.system_attrs["hpcdl:worker_id"] == 1
     log = (results / "rescuer.log").read_text()
     assert f"trial {rerun.number} re-runs trial {lost.number} from its checkpoint" in log
-    resumed_after = re.findall(rf"resuming \S+/trials/{rerun.number}\.h5 after epoch (\d+)", log)
-    assert len(resumed_after) == 1 and int(resumed_after[0]) >= 1, log[-3000:]
+    resumed = re.findall(rf"\[rank (\d)/2@\S+\] INFO hpcdl.train: resuming \S+/trials/"
+                         rf"{rerun.number}\.h5 after epoch (\d+)", log)
+    assert sorted(rank for rank, _ in resumed) == ["0", "1"], log[-3000:]
+    assert len({epoch for _, epoch in resumed}) == 1 and int(resumed[0][1]) >= 1
     run = store.read_run(config.load(cfg).trial_file(rerun.number))
     assert run.attrs["resumed_from_trial"] == lost.number
 
 
 def error_lines_per_rank(result: subprocess.CompletedProcess[str]) -> dict[str, list[str]]:
-    """`mpirun --tag-output` prefixes every line with [job,rank]<stream>: each rank's error
-    lines (hpcdl's user-error lines), by rank."""
+    """Each rank's output from its first `hpcdl worker: error:` line on, by rank
+    (`mpirun --tag-output` prefixes every line a rank writes with [job,rank]<stream>:)."""
     found: dict[str, list[str]] = {"0": [], "1": []}
-    for line in (result.stdout + result.stderr).splitlines():
-        tagged = re.match(r"\[\d+,(\d+)\]<std(?:out|err)>:(.*)", line)
-        if tagged and tagged[2].startswith("hpcdl worker: error:"):
+    for line in result.stderr.splitlines():
+        tagged = re.match(r"\[\d+,(\d+)\]<stderr>:(.*)", line)
+        if tagged and (found[tagged[1]] or tagged[2].startswith("hpcdl worker: error:")):
             found[tagged[1]].append(tagged[2])
     return found
 
@@ -356,22 +358,32 @@ def test_surplus_trial_of_two_workers_racing_for_the_last_slot(results: Path,
     cfg = write_sweep_config(results, name="race", storage=postgres, search={"n_trials": 1},
                              train={"epochs": 2})
     study.open_study(config.load(cfg))
-    with contextlib.closing(psycopg2.connect(postgres)) as db:
-        cursor = db.cursor()
-        cursor.execute("SELECT study_id FROM studies WHERE study_name = 'race' FOR UPDATE")
-        workers = [start_worker(cfg, i, log=results / f"w{i}.log") for i in range(2)]
+    holder, watcher = psycopg2.connect(postgres), psycopg2.connect(postgres)
+    watcher.autocommit = True  # pg_stat_activity is a snapshot per transaction
+    holder.cursor().execute("SELECT study_id FROM studies WHERE study_name = 'race' FOR UPDATE")
+    workers = [start_worker(cfg, i, log=results / f"w{i}.log") for i in range(2)]
 
-        def both_wait() -> bool:
-            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                           " AND query LIKE '%FROM studies%FOR UPDATE%'")
-            return cursor.fetchone()[0] == 2
+    def both_wait_or_one_exited() -> bool:
+        with watcher.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                           "'Lock' AND query LIKE '%FROM studies%FOR UPDATE%'")
+            waiting = cursor.fetchone()[0]
+        return waiting == 2 or any(w.poll() is not None for w in workers)
 
+    try:
         try:
-            wait_for(both_wait, timeout=600, what="both workers to ask for a trial")
+            wait_for(both_wait_or_one_exited, timeout=600, what="both workers to ask")
+            assert [w.poll() for w in workers] == [None, None]
         finally:
-            db.commit()  # release: Optuna numbers the two new trials one after the other
-    assert wait_all(workers) == [0, 0], [(results / f"w{i}.log").read_text()[-2000:]
-                                         for i in range(2)]
+            holder.commit()  # release: Optuna numbers the two new trials one after the other
+            holder.close()
+            watcher.close()
+        assert wait_all(workers) == [0, 0], [(results / f"w{i}.log").read_text()[-2000:]
+                                             for i in range(2)]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                kill_job(worker)
     trials = check_finished_sweep(cfg, 1)
     assert len(trials) == 2 and trials[0].state == TrialState.COMPLETE
     surplus = trials[1]
@@ -405,3 +417,40 @@ def test_sigusr1_to_one_rank_stops_every_rank_after_the_same_batch(results: Path
     assert len(s.get_trials(states=(TrialState.WAITING,))) == 1  # re-queued
     assert store.read_run(cfg_loaded.trial_file(0)).attrs["stop_reason"] == "interrupted"
     assert first_checkpoint(results, "sweep") is not None  # kept for the re-run
+
+
+def sigterm_ranks(job: subprocess.Popen[str]) -> None:
+    """What Slurm does at the time limit: signal every task."""
+    ranks = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True,
+                           check=True).stdout.split()
+    for pid in ranks:
+        os.kill(int(pid), signal.SIGTERM)
+
+
+def test_a_trial_interrupted_twice_resumes_from_its_latest_checkpoint(results: Path) -> None:
+    """Each re-run adopts the checkpoint of the attempt before it, not the first attempt's
+    (which the first re-run took over): a trial hitting the time limit twice loses no epoch."""
+    cfg = write_sweep_config(results, search={"n_trials": 1},
+                             train={"batch_size": 8, "epochs": 8})
+    trials_dir = results / "sweep" / "trials"
+    first = start_worker(cfg, 0, log=results / "first.log")
+    wait_for(lambda: first_checkpoint(results, "sweep") is not None, what="a checkpoint")
+    sigterm_ranks(first)
+    assert first.wait(timeout=120) == 75, (results / "first.log").read_text()[-3000:]
+    epochs_0 = store.read_run(trials_dir / "0.h5").n_epochs
+    second = start_worker(cfg, 0, log=results / "second.log")
+    wait_for(lambda: (trials_dir / "1.h5.ckpt" / f"epoch-{epochs_0 + 1:05d}").exists(),
+             what="the first re-run to checkpoint an epoch of its own")
+    sigterm_ranks(second)
+    assert second.wait(timeout=120) == 75, (results / "second.log").read_text()[-3000:]
+    epochs_1 = store.read_run(trials_dir / "1.h5").n_epochs
+    assert epochs_1 > epochs_0
+    third = start_worker(cfg, 0, log=results / "third.log")
+    assert third.wait(timeout=600) == 0, (results / "third.log").read_text()[-3000:]
+    log = (results / "third.log").read_text()
+    assert "trial 2 re-runs trial 1 from its checkpoint" in log
+    assert f"resuming {trials_dir}/2.h5 after epoch {epochs_1}" in log
+    trials = check_finished_sweep(cfg, 1)  # also: trial 2 trained with trial 0's seed
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    run = store.read_run(trials_dir / "2.h5")
+    assert run.attrs["resumed_from_trial"] == 1 and run.n_epochs == 8
