@@ -330,7 +330,7 @@ def test_raising_n_trials_continues_the_study(results: Path) -> None:
     assert again.wait(timeout=600) == 0, (results / "again.log").read_text()[-3000:]
     after = check_finished_sweep(cfg, 3)
     assert [t.number for t in after] == [0, 1, 2] and after[:2] == before  # old trials kept
-    started = re.findall(r"INFO hpcdl.study: trial (\d+): \{", (results / "again.log").read_text())
+    started = re.findall(r"INFO hpcdl\.\w+: trial (\d+): \{", (results / "again.log").read_text())
     assert started == ["2"]
 
 
