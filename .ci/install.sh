@@ -9,10 +9,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# postgresql: a real PostgreSQL server is one of the study storages in the tests;
+# postgresql, mariadb-server: real database servers are study storages in the tests;
 # chromium: the tests render the report in headless Chromium.
 DEBIAN_PACKAGES=(openmpi-bin libopenmpi-dev libpmix-dev dataset-fashion-mnist hdf5-tools
-                 postgresql chromium "$@")
+                 postgresql mariadb-server chromium "$@")
 HOROVOD_PIN="horovod==0.28.1"
 PYTHON="${PYTHON:-python3}"
 CACHE_DIR="${HPCDL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hpcdl}"

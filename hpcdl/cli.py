@@ -250,7 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except UserError as exc:
-        print(f"hpcdl {args.command}: error: {exc}", file=sys.stderr)
+        # one write: print() writes the text and its newline apart, and the ranks of a job
+        # share one log, where another rank's line could land between the two
+        sys.stderr.write(f"hpcdl {args.command}: error: {exc}\n")
         return EXIT_USER_ERROR
     except Exception:
         log.exception("hpcdl %s: unexpected error", args.command)

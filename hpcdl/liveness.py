@@ -9,6 +9,7 @@ RDB storages use Optuna's own heartbeat instead (record_heartbeat), via the same
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -26,6 +27,8 @@ PID = "hpcdl:pid"
 JOB = "hpcdl:slurm_job_id"
 WORKER = "hpcdl:worker_id"
 HEARTBEAT = "hpcdl:heartbeat"
+
+log = logging.getLogger("hpcdl.liveness")
 
 
 def owner_attrs(worker_id: int, job_id: str | None) -> dict[str, Any]:
@@ -51,14 +54,20 @@ def heartbeat(storage: BaseStorage, trial_id: int, interval_s: float) -> Iterato
     optuna_heartbeat = uses_optuna_heartbeat(storage)
 
     def beat() -> None:
+        failing = False  # a storage outage is one warning, not one per interval
         while not stop.wait(interval_s):
             try:
                 if optuna_heartbeat:
                     storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
                 else:
                     storage.set_trial_system_attr(trial_id, HEARTBEAT, time.time())
-            except Exception:
-                continue
+            except Exception as exc:  # keep beating: the storage may come back
+                if not failing:
+                    log.warning("trial id %d: heartbeat not recorded (%s); other workers may "
+                                "take the trial for lost", trial_id, str(exc).split("\n")[0])
+                failing = True
+            else:
+                failing = False
 
     if optuna_heartbeat:
         storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]

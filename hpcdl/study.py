@@ -91,7 +91,9 @@ def open_storage(config: Config, url: str | None = None) -> BaseStorage:
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"{config.origin}: storage: cannot open {url!r}: {exc}") from exc
+        # drivers explain over several lines (psycopg2 adds hints and a link): the first says it
+        reason = next(iter(str(exc).splitlines()), "") or type(exc).__name__
+        raise ConfigError(f"{config.origin}: storage: cannot open {url!r}: {reason}") from exc
     raise ConfigError(
         f"{config.origin}: storage: {url!r} is not journal, sqlite:///FILE, "
         "postgresql://..., mysql://... or grpc://HOST:PORT"
@@ -104,9 +106,14 @@ def _open_rdb(
     """RDBStorage with Optuna's heartbeat. Workers starting together race to create the
     tables (PostgreSQL: duplicate key on CREATE TYPE), so a failed first open is retried."""
 
+    # SQLAlchemy's default driver for mysql:// is mysqlclient, a C extension we do not ship;
+    # PyMySQL (requirements.lock) speaks to MySQL and MariaDB alike.
+    driver_url = "mysql+pymysql://" + url.removeprefix("mysql://") if url.startswith(
+        "mysql://") else url
+
     def connect() -> BaseStorage:
         return optuna.storages.RDBStorage(
-            url,
+            driver_url,
             heartbeat_interval=max(1, int(search["heartbeat_s"])),
             grace_period=max(2, int(search["stale_after_s"])),
             heartbeat_stale_trial_callback=retry,

@@ -86,15 +86,18 @@ class Worker:
                            "surplus: other workers claimed the budget first", surplus=True)
                 continue
             params = study.suggest(trial, self.config.section("search")["space"])
-            frozen = study.storage_of(self.study).get_trial(study.trial_id(trial))
-            resume_from = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+            # a re-run resumes from the attempt before it (which may itself be a re-run that
+            # adopted the first attempt's checkpoint) and keeps the first attempt's seed
+            attempts = RetryHeartbeatStaleTrialCallback.retry_history(
+                study.storage_of(self.study).get_trial(study.trial_id(trial))
+            )
+            resume_from = attempts[-1] if attempts else None
             trial.set_user_attr(study.TRIAL_FILE, str(self.config.trial_file(trial.number)))
             self.trial = trial
             if resume_from is not None:
                 self._adopt_checkpoint(resume_from, trial.number)
             seed = study.trial_seed(
-                self.config.section("search")["seed"],
-                resume_from if resume_from is not None else trial.number,
+                self.config.section("search")["seed"], attempts[0] if attempts else trial.number
             )
             return Plan(trial.number, params, seed, resume_from)
         log.info("worker %d: no more trials (%s)", self.worker_id, over)

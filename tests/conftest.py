@@ -1,4 +1,5 @@
-"""Fixtures: tiny real files (IDX, npz, HDF5) and helpers to run hpcdl, also under mpirun."""
+"""Fixtures: tiny real files (IDX, npz, HDF5), helpers to run hpcdl (also under mpirun), and
+real PostgreSQL and MariaDB servers."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +168,91 @@ def evaluate_model(model: Path, dataset: Path, split: str) -> dict[str, float]:
                           env=hpcdl_env(TF_USE_LEGACY_KERAS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- database servers
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _server_dir(user: str, prefix: str) -> Path:
+    """pytest's tmp dirs are private to root; the servers run as their own users."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    shutil.chown(base, user)
+    return base
+
+
+def _run_as(user: str, *command: str) -> None:
+    subprocess.run(["runuser", "-u", user, "--", *command], check=True, capture_output=True,
+                   timeout=120)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A real PostgreSQL server on 127.0.0.1 in its own data directory, stopped afterwards."""
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    if not bins:
+        pytest.fail("PostgreSQL is not installed (make setup installs Debian's postgresql)")
+    bin_dir, base = bins[-1], _server_dir("postgres", "hpcdl-pg-")
+    data, port = base / "data", free_port()
+    _run_as("postgres", str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
+    _run_as("postgres", str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w",
+            "start", "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1")
+    try:
+        _run_as("postgres", str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "hpcdl")
+        yield f"postgresql://postgres@127.0.0.1:{port}/hpcdl"
+    finally:
+        _run_as("postgres", str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> Iterator[str]:
+    """A real MariaDB server on 127.0.0.1 in its own data directory, stopped afterwards.
+    Without grant tables: anyone on 127.0.0.1 is root, enough for a throw-away test server."""
+    import time
+
+    import pymysql
+
+    if not shutil.which("mariadb-install-db") or not Path("/usr/sbin/mariadbd").exists():
+        pytest.fail("MariaDB is not installed (make setup installs Debian's mariadb-server)")
+    base = _server_dir("mysql", "hpcdl-mariadb-")
+    port = free_port()
+    _run_as("mysql", "mariadb-install-db", "--no-defaults", f"--datadir={base / 'data'}",
+            "--skip-test-db")
+    server = subprocess.Popen(
+        ["runuser", "-u", "mysql", "--", "/usr/sbin/mariadbd", "--no-defaults",
+         f"--datadir={base / 'data'}", f"--port={port}", "--bind-address=127.0.0.1",
+         f"--socket={base / 'sock'}", f"--log-error={base / 'error.log'}",
+         f"--pid-file={base / 'pid'}", "--skip-grant-tables"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                connection = pymysql.connect(host="127.0.0.1", port=port, user="root")
+                break
+            except pymysql.err.OperationalError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        with connection:
+            connection.cursor().execute("CREATE DATABASE hpcdl")
+        yield f"mysql://root@127.0.0.1:{port}/hpcdl"
+    finally:
+        server.terminate()  # runuser passes SIGTERM on to mariadbd: a clean shutdown
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        shutil.rmtree(base, ignore_errors=True)

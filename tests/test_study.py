@@ -1,19 +1,31 @@
-"""hpcdl/study.py and liveness.py on real Optuna storages (journal and SQLite files): budget,
-stale-trial recovery, samplers, pruners, search space, storage URLs."""
+"""hpcdl/study.py and liveness.py on real Optuna storages (journal and SQLite files, a PostgreSQL
+server): budget, stale-trial recovery, samplers, pruners, search space, storage URLs, and
+`hpcdl dashboard` on the database storages."""
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import write_sweep_config
+from conftest import free_port, hpcdl_env, write_sweep_config
 from hpcdl import config, liveness, study
 from hpcdl.errors import ConfigError
+
+SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+            "cmaes": optuna.samplers.CmaEsSampler, "qmc": optuna.samplers.QMCSampler,
+            "grid": optuna.samplers.GridSampler}
+PRUNERS = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
+           "hyperband": optuna.pruners.HyperbandPruner,
+           "successive_halving": optuna.pruners.SuccessiveHalvingPruner}
 
 
 @pytest.fixture
@@ -49,26 +61,47 @@ def test_budget_counts_the_whole_study(cfg: config.Config) -> None:
     s.tell(pruned, state=TrialState.PRUNED)
     assert running.number == 2
     assert study.budget_left(s, cfg) == "budget of 3 trials claimed"
+    assert study.budget(s.get_trials(), count_failed=False) == study.Budget(2, 3, 0)
     s.tell(running, state=TrialState.FAIL)  # failures do not count by default...
+    assert study.budget(s.get_trials(), count_failed=False) == study.Budget(2, 2, 1)
     assert study.budget_left(s, cfg) is None
     counting = config.Config({**cfg.as_dict(), "search": {**cfg.section("search"),
                                                            "count_failed": True}}, cfg.origin)
-    assert study.budget_left(s, counting) is not None  # ...unless count_failed
+    assert study.budget(s.get_trials(), count_failed=True) == study.Budget(3, 3, 1)
+    assert study.budget_left(s, counting) == "budget of 3 trials claimed"  # ...unless count_failed
+    s.enqueue_trial({})  # an enqueued trial still needs a worker, whatever was claimed
+    assert study.budget(s.get_trials(), count_failed=True) == study.Budget(3, 4, 1)
+    assert study.budget_left(s, counting) is None
+    s.tell(s.ask(), state=TrialState.FAIL)  # the enqueued one fails too: 2 of 3 failures
+    assert study.budget(s.get_trials(), count_failed=False) == study.Budget(2, 2, 2)
+    assert study.budget_left(s, cfg) is None
+    s.tell(s.ask(), state=TrialState.FAIL)
+    assert study.budget_left(s, cfg) == "3 trials failed: giving up"
 
 
 def test_surplus_trial_loses_to_lower_numbers(cfg: config.Config) -> None:
     s = study.open_study(cfg)
     trials = [s.ask() for _ in range(4)]  # four workers asked at once for a budget of three
     assert [study.is_surplus(s, t, cfg) for t in trials] == [False, False, False, True]
+    s._storage.set_trial_system_attr(trials[3]._trial_id, study.SURPLUS, True)
+    s.tell(trials[3], state=TrialState.FAIL)  # as the worker tells a surplus trial
+    for t in trials[:3]:
+        s.tell(t, 0.5)
+    assert study.budget(s.get_trials(), count_failed=True) == study.Budget(3, 3, 0)
+    assert study.budget_left(s, cfg) == "budget of 3 trials claimed"
+
+
+def claim_for_a_dead_worker(s: optuna.Study, trial: optuna.Trial) -> None:
+    """Record a worker as the trial's owner, as Worker does, whose process has exited."""
+    for key, value in liveness.owner_attrs(0, "123").items():
+        s._storage.set_trial_system_attr(trial._trial_id, key, value)
+    s._storage.set_trial_system_attr(trial._trial_id, liveness.PID, dead_pid())
 
 
 def test_stale_trial_is_failed_and_requeued_once(cfg: config.Config) -> None:
     s = study.open_study(cfg)
     trial = s.ask({"width": optuna.distributions.IntDistribution(16, 128)})
-    storage = s._storage
-    for key, value in liveness.owner_attrs(0, "123").items():
-        storage.set_trial_system_attr(trial._trial_id, key, value)
-    storage.set_trial_system_attr(trial._trial_id, liveness.PID, dead_pid())
+    claim_for_a_dead_worker(s, trial)
     assert study.recover_stale_trials(s, cfg) == [trial.number]
     assert study.recover_stale_trials(study.open_study(cfg, 1), cfg) == []  # no double requeue
     trials = s.get_trials()
@@ -77,6 +110,29 @@ def test_stale_trial_is_failed_and_requeued_once(cfg: config.Config) -> None:
     assert trials[1].state == TrialState.WAITING and trials[1].params == trials[0].params
     assert trials[1].system_attrs["failed_trial"] == 0
     assert study.budget(trials, count_failed=True).failed == 0  # replaced, not a failure
+
+
+def test_a_lost_trial_is_retried_at_most_three_times(cfg: config.Config) -> None:
+    s = study.open_study(cfg)
+    trial = s.ask({"width": optuna.distributions.IntDistribution(16, 128)})
+    for attempt in range(study.MAX_RETRIES + 1):  # its owner dies every time
+        claim_for_a_dead_worker(s, trial)
+        assert study.recover_stale_trials(s, cfg) == [trial.number]
+        waiting = s.get_trials(states=(TrialState.WAITING,))
+        if attempt == study.MAX_RETRIES:
+            assert waiting == []
+            break
+        assert len(waiting) == 1
+        trial = s.ask()  # the next worker takes the re-queued trial
+        assert trial.number == waiting[0].number
+    trials = study.load_study(cfg).get_trials()  # as stored (Optuna's callback edits in place)
+    assert [t.state for t in trials] == [TrialState.FAIL] * 4 and study.MAX_RETRIES == 3
+    assert [t.system_attrs.get("failed_trial") for t in trials] == [None, 0, 0, 0]
+    assert trials[-1].system_attrs["retry_history"] == [0, 1, 2]
+    assert all(t.params == trials[0].params for t in trials)
+    # the three re-run failures are replaced; the last one is the study's one real failure
+    assert study.budget(trials, count_failed=True) == study.Budget(1, 1, 1)
+    assert study.budget_left(s, cfg) is None  # one failure of three allowed: the sweep goes on
 
 
 def test_stale_by_heartbeat_age(cfg: config.Config) -> None:
@@ -102,6 +158,19 @@ def test_heartbeat_thread_refreshes(cfg: config.Config) -> None:
     assert storage.get_trial(trial._trial_id).system_attrs[liveness.HEARTBEAT] > time.time() - 5
 
 
+def test_heartbeat_failures_are_one_warning(cfg: config.Config,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    s = study.open_study(cfg)
+    trial = s.ask()
+    s.tell(trial, 0.5)  # a finished trial takes no more attributes: every beat fails
+    with caplog.at_level(logging.WARNING, "hpcdl.liveness"), liveness.heartbeat(
+            s._storage, trial._trial_id, interval_s=0.05):
+        time.sleep(0.5)
+    assert [r.getMessage() for r in caplog.records if r.name == "hpcdl.liveness"] == [
+        f"trial id {trial._trial_id}: heartbeat not recorded (Trial#0 has already finished and "
+        "can not be updated.); other workers may take the trial for lost"]
+
+
 @pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "qmc", "grid"])
 @pytest.mark.parametrize("pruner", ["none", "median", "hyperband", "successive_halving"])
 def test_samplers_and_pruners(tmp_path: Path, sampler: str, pruner: str) -> None:
@@ -113,6 +182,13 @@ def test_samplers_and_pruners(tmp_path: Path, sampler: str, pruner: str) -> None
     cfg = config.load(write_sweep_config(tmp_path, search={"sampler": sampler, "pruner": pruner,
                                                            "space": space}))
     s = study.open_study(cfg)
+    assert type(s.sampler) is SAMPLERS[sampler] and type(s.pruner) is PRUNERS[pruner]
+    if pruner == "hyperband":
+        assert s.pruner._max_resource == cfg.params["epochs"] == 4
+    if pruner == "median":
+        search = cfg.section("search")
+        assert s.pruner._n_startup_trials == search["pruner_startup_trials"]
+        assert s.pruner._n_warmup_steps == search["pruner_warmup_epochs"]
     for _ in range(3):
         trial = s.ask()
         params = study.suggest(trial, cfg.section("search")["space"])
@@ -120,6 +196,24 @@ def test_samplers_and_pruners(tmp_path: Path, sampler: str, pruner: str) -> None
         cfg.with_params(params)  # every suggestion is a valid config
         trial.report(0.5, 1)
         s.tell(trial, 0.5)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "qmc", "grid"])
+def test_workers_draw_from_their_own_seeds(tmp_path: Path, sampler: str) -> None:
+    """Two workers of one sweep (same config seed) draw different first trials, else their
+    random start-up trials would coincide; QMC's workers share one sequence by design."""
+    space = {"width": {"type": "int", "low": 16, "high": 64, "step": 16},
+             "dropout": {"type": "float", "low": 0.0, "high": 0.5, "step": 0.25}}
+    if sampler != "grid":
+        space["learning_rate"] = {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}
+    draws = []
+    for worker_id in (0, 1):  # each in a study of its own: the sampler alone decides
+        (tmp_path / str(worker_id)).mkdir()
+        cfg = config.load(write_sweep_config(tmp_path / str(worker_id), search={
+            "sampler": sampler, "space": space}))
+        s = study.open_study(cfg, worker_id=worker_id)
+        draws.append([study.suggest(s.ask(), cfg.section("search")["space"]) for _ in range(3)])
+    assert (draws[0] == draws[1]) == (sampler == "qmc"), draws
 
 
 def test_grid_space_and_trial_seed() -> None:
@@ -168,3 +262,44 @@ def test_bad_objectives(tmp_path: Path, search: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         config.load(write_sweep_config(tmp_path, search=search))
     assert message in str(info.value)
+
+
+def get_json(url: str, timeout: float = 120) -> Any:
+    """GET url's JSON, retrying while the server starts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.load(response)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_dashboard_serves_rdb_storages(tmp_path: Path, backend: str,
+                                       request: pytest.FixtureRequest) -> None:
+    url = (f"sqlite:///{tmp_path}/s.db" if backend == "sqlite"
+           else request.getfixturevalue("postgres"))
+    name = f"dashboard-{backend}"  # the PostgreSQL server is shared by the session's tests
+    cfg_path = write_sweep_config(tmp_path, name=name, storage=url)
+    s = study.open_study(config.load(cfg_path))
+    for value in (0.25, 0.75):
+        s.tell(s.ask(), value)
+    port = free_port()
+    server = subprocess.Popen(["hpcdl", "dashboard", "--config", str(cfg_path), "--port",
+                               str(port)], env=hpcdl_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        listed = get_json(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]
+        [ours] = [x for x in listed if x["study_name"] == name]
+        detail = get_json(f"http://127.0.0.1:{port}/api/studies/{ours['study_id']}")
+        assert detail["name"] == name
+        assert [t["values"] for t in detail["trials"]] == [[0.25], [0.75]]
+    finally:
+        server.terminate()
+        out, _ = server.communicate(timeout=30)
+    assert f"optuna-dashboard for sweep {name} ({url}) at http://127.0.0.1:{port}/" in out

@@ -1,26 +1,24 @@
 """`hpcdl worker`: several 2-rank Open MPI workers share one study and one budget, survive
-kill -9 and SIGTERM, prune in step, on journal, SQLite, gRPC-proxy and PostgreSQL storages."""
+kill -9, SIGTERM and SIGUSR1, prune in step, on journal, SQLite, gRPC-proxy, PostgreSQL and
+MariaDB storages."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import hpcdl_env, start_worker, write_sweep_config
-from hpcdl import config, store, study
+from conftest import free_port, hpcdl_env, run_mpi, start_worker, write_sweep_config
+from hpcdl import config, liveness, store, study
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
@@ -176,12 +174,6 @@ def test_pruning_stops_all_ranks_at_the_same_epoch(results: Path) -> None:
 # ---------------------------------------------------------------- other storages
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def two_workers(cfg: Path, results: Path) -> None:
     workers = [start_worker(cfg, i, log=results / f"w{i}.log") for i in range(2)]
     assert wait_all(workers) == [0, 0], [(results / f"w{i}.log").read_text()[-2000:]
@@ -219,71 +211,82 @@ def test_grpc_proxy_storage(results: Path) -> None:
     assert journal.is_file()  # the proxy wrote through to the sweep's journal
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[str]:
-    """A real PostgreSQL server on 127.0.0.1 in its own data directory, stopped afterwards."""
-    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
-    if not bins:
-        pytest.fail("PostgreSQL is not installed (make setup installs Debian's postgresql)")
-    bin_dir = bins[-1]
-    # pytest's tmp dirs are private to root; the server runs as the postgres user
-    base = Path(tempfile.mkdtemp(prefix="hpcdl-pg-"))
-    shutil.chown(base, "postgres")
-    data, port = base / "data", free_port()
-
-    def as_postgres(*command: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", *command], check=True,
-                       capture_output=True, timeout=120)
-
-    as_postgres(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
-    as_postgres(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "start",
-                "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1")
-    try:
-        as_postgres(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "hpcdl")
-        yield f"postgresql://postgres@127.0.0.1:{port}/hpcdl"
-    finally:
-        as_postgres(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def test_postgresql_storage_with_optuna_heartbeat(results: Path, postgres: str) -> None:
-    cfg = write_sweep_config(results, storage=postgres, search={
-        "n_trials": 4, "heartbeat_s": 1, "stale_after_s": 4}, train={"epochs": 2})
+def test_mysql_storage(results: Path, mariadb: str) -> None:
+    assert mariadb.startswith("mysql://")  # the URL the README shows, not a driver's
+    cfg = write_sweep_config(results, storage=mariadb, search={"n_trials": 4},
+                             train={"epochs": 2})
     two_workers(cfg, results)
 
 
-def test_rdb_kill_9_uses_optuna_heartbeat_and_retry(results: Path) -> None:
-    cfg = write_sweep_config(results, storage=f"sqlite:///{results}/study.db", search={
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_rdb_kill_9_is_failed_by_optuna_heartbeat_and_resumed(
+        results: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    url = (f"sqlite:///{results}/study.db" if backend == "sqlite"
+           else request.getfixturevalue("postgres"))
+    name = f"kill9-{backend}"  # the PostgreSQL server is shared by the session's tests
+    cfg = write_sweep_config(results, name=name, storage=url, search={
         "n_trials": 2, "heartbeat_s": 1, "stale_after_s": 3}, train={"batch_size": 8})
-    victim = start_worker(cfg, 0)
-    wait_for(lambda: first_checkpoint(results, "sweep") is not None, what="a checkpoint")
+    victim = start_worker(cfg, 0, log=results / "victim.log")
+    wait_for(lambda: first_checkpoint(results, name) is not None, what="a checkpoint")
     kill_job(victim)
-    time.sleep(4)  # past the grace period: Optuna's heartbeat now calls the trial stale
+    _, s = load(cfg)
+    [lost] = s.get_trials(states=(TrialState.RUNNING,))
+    assert liveness.HEARTBEAT not in lost.system_attrs  # Optuna's heartbeat, not hpcdl's
+    # stale in Optuna's eyes once its last heartbeat is older than the grace period; a trial
+    # that never had one would stay RUNNING for ever
+    storage = s._storage
+    wait_for(lambda: lost._trial_id in storage._get_stale_trial_ids(s._study_id), timeout=120,
+             what="Optuna's heartbeat of the killed worker's trial to go stale")
     rescuer = start_worker(cfg, 1, log=results / "rescuer.log")
     assert rescuer.wait(timeout=600) == 0, (results / "rescuer.log").read_text()[-3000:]
     trials = check_finished_sweep(cfg, 2)
+    assert trials[lost.number].state == TrialState.FAIL
     assert [t.state for t in trials].count(TrialState.FAIL) == 1
-    assert any(t.system_attrs.get("failed_trial") is not None for t in trials)
+    [rerun] = [t for t in trials if t.system_attrs.get("failed_trial") == lost.number]
+    assert rerun.params == lost.params and rerun.system_attrs["hpcdl:worker_id"] == 1
+    log = (results / "rescuer.log").read_text()
+    assert f"trial {rerun.number} re-runs trial {lost.number} from its checkpoint" in log
+    resumed = re.findall(rf"\[rank (\d)/2@\S+\] INFO hpcdl.train: resuming \S+/trials/"
+                         rf"{rerun.number}\.h5 after epoch (\d+)", log)
+    assert sorted(rank for rank, _ in resumed) == ["0", "1"], log[-3000:]
+    assert len({epoch for _, epoch in resumed}) == 1 and int(resumed[0][1]) >= 1
+    run = store.read_run(config.load(cfg).trial_file(rerun.number))
+    assert run.attrs["resumed_from_trial"] == lost.number
+
+
+def error_lines_per_rank(result: subprocess.CompletedProcess[str]) -> dict[str, list[str]]:
+    """Each rank's output from its first `hpcdl worker: error:` line on, by rank
+    (`mpirun --tag-output` prefixes every line a rank writes with [job,rank]<stream>:)."""
+    found: dict[str, list[str]] = {"0": [], "1": []}
+    for line in result.stderr.splitlines():
+        tagged = re.match(r"\[\d+,(\d+)\]<stderr>:(.*)", line)
+        if tagged and (found[tagged[1]] or tagged[2].startswith("hpcdl worker: error:")):
+            found[tagged[1]].append(tagged[2])
+    return found
 
 
 def test_unopenable_storage_is_one_clear_error_on_every_rank(results: Path) -> None:
     port = free_port()  # nothing listens there
-    cfg = write_sweep_config(results, storage=f"postgresql://nobody@127.0.0.1:{port}/none")
-    worker = start_worker(cfg, 0, log=results / "w.log")
-    assert worker.wait(timeout=120) == 2
-    log = (results / "w.log").read_text()
-    assert f"storage: cannot open 'postgresql://nobody@127.0.0.1:{port}/none'" in log
-    assert "Connection refused" in log and "Traceback" not in log
+    url = f"postgresql://nobody@127.0.0.1:{port}/none"
+    cfg = write_sweep_config(results, storage=url)
+    result = run_mpi(2, "--tag-output", "hpcdl", "worker", "--config", str(cfg), timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = (f"hpcdl worker: error: {cfg}: storage: cannot open '{url}': "
+            f'(psycopg2.OperationalError) connection to server at "127.0.0.1", port {port} '
+            "failed: Connection refused")
+    assert error_lines_per_rank(result) == {"0": [line], "1": [line]}, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and not (results / "sweep").exists()
 
 
 def test_missing_dataset_is_one_error_before_any_trial(results: Path) -> None:
     cfg = write_sweep_config(results)
     (results / "data" / "digits.h5").unlink()
-    worker = start_worker(cfg, 0, log=results / "w.log")
-    assert worker.wait(timeout=120) == 2
-    log = (results / "w.log").read_text()
-    assert "digits.h5: dataset file does not exist (run `hpcdl prepare`)" in log
-    assert "Traceback" not in log and not (results / "sweep" / "study.journal").exists()
+    result = run_mpi(2, "--tag-output", "hpcdl", "worker", "--config", str(cfg), timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = (f"hpcdl worker: error: {results}/data/digits.h5: dataset file does not exist "
+            "(run `hpcdl prepare`)")
+    assert error_lines_per_rank(result) == {"0": [line], "1": [line]}, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and not (results / "sweep").exists()
 
 
 def test_diverging_trial_fails_and_the_worker_goes_on(results: Path) -> None:
@@ -312,3 +315,142 @@ def test_wall_clock_budget_stops_the_sweep(results: Path) -> None:
     _, s = load(cfg)
     assert 1 <= len(s.trials) < 50
     assert "wall-clock budget of 0.05 min spent" in (results / "w.log").read_text()
+
+
+# ---------------------------------------------------------------- README promises
+
+
+def test_raising_n_trials_continues_the_study(results: Path) -> None:
+    cfg = write_sweep_config(results, search={"n_trials": 2}, train={"epochs": 2})
+    first = start_worker(cfg, 0, log=results / "first.log")
+    assert first.wait(timeout=600) == 0, (results / "first.log").read_text()[-3000:]
+    before = check_finished_sweep(cfg, 2)
+    cfg = write_sweep_config(results, search={"n_trials": 3}, train={"epochs": 2})
+    again = start_worker(cfg, 0, log=results / "again.log")
+    assert again.wait(timeout=600) == 0, (results / "again.log").read_text()[-3000:]
+    after = check_finished_sweep(cfg, 3)
+    assert [t.number for t in after] == [0, 1, 2] and after[:2] == before  # old trials kept
+    started = re.findall(r"INFO hpcdl\.\w+: trial (\d+): \{", (results / "again.log").read_text())
+    assert started == ["2"]
+
+
+def test_gives_up_after_n_trials_failures(results: Path) -> None:
+    cfg = write_sweep_config(
+        results, search={"n_trials": 2, "sampler": "random", "pruner": "none",
+                         "space": {"learning_rate": {"type": "categorical",
+                                                     "choices": [1.0e9]}}},
+        train={"optimizer": "sgd", "epochs": 2})  # every trial diverges to NaN at once
+    worker = start_worker(cfg, 0, log=results / "w.log")
+    assert worker.wait(timeout=600) == 0, (results / "w.log").read_text()[-3000:]
+    _, s = load(cfg)
+    assert [(t.state, t.system_attrs[study.FAIL_REASON]) for t in s.get_trials()] == [
+        (TrialState.FAIL, "failed: non-finite loss")] * 2
+    assert "worker 0: no more trials (2 trials failed: giving up)" in (
+        results / "w.log").read_text()
+
+
+def test_surplus_trial_of_two_workers_racing_for_the_last_slot(results: Path,
+                                                               postgres: str) -> None:
+    """Both workers pass the budget check, then ask at the same moment: the test holds the
+    study's row lock (which Optuna takes to number a new trial) until both wait for it."""
+    import psycopg2
+
+    cfg = write_sweep_config(results, name="race", storage=postgres, search={"n_trials": 1},
+                             train={"epochs": 2})
+    study.open_study(config.load(cfg))
+    holder, watcher = psycopg2.connect(postgres), psycopg2.connect(postgres)
+    watcher.autocommit = True  # pg_stat_activity is a snapshot per transaction
+    holder.cursor().execute("SELECT study_id FROM studies WHERE study_name = 'race' FOR UPDATE")
+    workers = [start_worker(cfg, i, log=results / f"w{i}.log") for i in range(2)]
+
+    def both_wait_or_one_exited() -> bool:
+        with watcher.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                           "'Lock' AND query LIKE '%FROM studies%FOR UPDATE%'")
+            waiting = cursor.fetchone()[0]
+        return waiting == 2 or any(w.poll() is not None for w in workers)
+
+    try:
+        try:
+            wait_for(both_wait_or_one_exited, timeout=600, what="both workers to ask")
+            assert [w.poll() for w in workers] == [None, None]
+        finally:
+            holder.commit()  # release: Optuna numbers the two new trials one after the other
+            holder.close()
+            watcher.close()
+        assert wait_all(workers) == [0, 0], [(results / f"w{i}.log").read_text()[-2000:]
+                                             for i in range(2)]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                kill_job(worker)
+    trials = check_finished_sweep(cfg, 1)
+    assert len(trials) == 2 and trials[0].state == TrialState.COMPLETE
+    surplus = trials[1]
+    assert surplus.state == TrialState.FAIL and surplus.system_attrs[study.SURPLUS] is True
+    assert surplus.system_attrs[study.FAIL_REASON].startswith("surplus:")
+    assert {t.system_attrs["hpcdl:worker_id"] for t in trials} == {0, 1}  # one trial each
+    assert study.budget(trials, count_failed=True) == study.Budget(1, 1, 0)  # never counted
+    assert not config.load(cfg).trial_file(1).exists()  # nothing trained
+
+
+def test_sigusr1_to_one_rank_stops_every_rank_after_the_same_batch(results: Path) -> None:
+    cfg = write_sweep_config(results, search={"n_trials": 1}, train={"batch_size": 8})
+    worker = start_worker(cfg, 0, log=results / "w.log")
+    wait_for(lambda: first_checkpoint(results, "sweep") is not None, what="a checkpoint")
+    ranks = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True,
+                           check=True).stdout.split()
+    [rank_1] = [pid for pid in ranks if b"OMPI_COMM_WORLD_RANK=1\0" in
+                Path(f"/proc/{pid}/environ").read_bytes()]
+    os.kill(int(rank_1), signal.SIGUSR1)  # Slurm's --signal warning, seen by one rank only
+    assert worker.wait(timeout=300) == 75, (results / "w.log").read_text()[-3000:]
+    log = (results / "w.log").read_text()
+    stops = re.findall(r"\[rank (\d)/2@\S+\] WARNING hpcdl.train: (.+?) received: "
+                       r"stopping after (epoch \d+(?:'s unfinished batch)?)", log)
+    assert len(stops) == 2 and stops[0][2] == stops[1][2], log[-3000:]  # same place
+    assert sorted((rank, who) for rank, who, _ in stops) == [
+        ("0", "stop from another rank"), ("1", "SIGUSR1")]
+    assert "exited on signal" not in log  # every rank stopped itself, none was killed
+    cfg_loaded, s = load(cfg)
+    [interrupted] = s.get_trials(states=(TrialState.FAIL,))
+    assert interrupted.system_attrs[study.FAIL_REASON].startswith("interrupted")
+    assert len(s.get_trials(states=(TrialState.WAITING,))) == 1  # re-queued
+    assert store.read_run(cfg_loaded.trial_file(0)).attrs["stop_reason"] == "interrupted"
+    assert first_checkpoint(results, "sweep") is not None  # kept for the re-run
+
+
+def sigterm_ranks(job: subprocess.Popen[str]) -> None:
+    """What Slurm does at the time limit: signal every task."""
+    ranks = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True,
+                           check=True).stdout.split()
+    for pid in ranks:
+        os.kill(int(pid), signal.SIGTERM)
+
+
+def test_a_trial_interrupted_twice_resumes_from_its_latest_checkpoint(results: Path) -> None:
+    """Each re-run adopts the checkpoint of the attempt before it, not the first attempt's
+    (which the first re-run took over): a trial hitting the time limit twice loses no epoch."""
+    cfg = write_sweep_config(results, search={"n_trials": 1},
+                             train={"batch_size": 8, "epochs": 8})
+    trials_dir = results / "sweep" / "trials"
+    first = start_worker(cfg, 0, log=results / "first.log")
+    wait_for(lambda: first_checkpoint(results, "sweep") is not None, what="a checkpoint")
+    sigterm_ranks(first)
+    assert first.wait(timeout=120) == 75, (results / "first.log").read_text()[-3000:]
+    epochs_0 = store.read_run(trials_dir / "0.h5").n_epochs
+    second = start_worker(cfg, 0, log=results / "second.log")
+    wait_for(lambda: (trials_dir / "1.h5.ckpt" / f"epoch-{epochs_0 + 1:05d}").exists(),
+             what="the first re-run to checkpoint an epoch of its own")
+    sigterm_ranks(second)
+    assert second.wait(timeout=120) == 75, (results / "second.log").read_text()[-3000:]
+    epochs_1 = store.read_run(trials_dir / "1.h5").n_epochs
+    assert epochs_1 > epochs_0
+    third = start_worker(cfg, 0, log=results / "third.log")
+    assert third.wait(timeout=600) == 0, (results / "third.log").read_text()[-3000:]
+    log = (results / "third.log").read_text()
+    assert "trial 2 re-runs trial 1 from its checkpoint" in log
+    assert f"resuming {trials_dir}/2.h5 after epoch {epochs_1}" in log
+    trials = check_finished_sweep(cfg, 1)  # also: trial 2 trained with trial 0's seed
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    run = store.read_run(trials_dir / "2.h5")
+    assert run.attrs["resumed_from_trial"] == 1 and run.n_epochs == 8
