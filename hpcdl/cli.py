@@ -132,9 +132,9 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     from hpcdl import config, scaling, study
 
     cfg = config.load(args.config, args.set)
-    number, params = study.best_trial(cfg)
-    log.info("scaling the params of trial %d: %s", number, params)
-    print(scaling.measure(cfg, params, args.launcher, args.rank_exec))
+    best = study.best_trial(cfg)
+    log.info("scaling the params of trial %d: %s", best.number, best.params)
+    print(scaling.measure(cfg, best.params, args.launcher, args.rank_exec))
     return 0
 
 

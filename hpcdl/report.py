@@ -50,6 +50,7 @@ class TrialRow:
     samples_per_second: float
     n_params: int | None
     test_accuracy: float | None
+    seed: int
     curves: dict[str, list[float]] = field(default_factory=dict)
 
     @property
@@ -91,6 +92,7 @@ def trial_row(config: Config, trial: FrozenTrial) -> TrialRow:
         samples_per_second=float(np.median(speeds)) if len(speeds) else math.nan,
         n_params=int(run.attrs["n_params"]) if run and "n_params" in run.attrs else None,
         test_accuracy=run.test.get("accuracy") if run else None,
+        seed=study.seed_of(config, trial),
         curves=run.epochs if run else {},
     )
 
@@ -292,10 +294,9 @@ def make_figures(config: Config, s: optuna.Study, rows: list[TrialRow], top: lis
 def reproduce_command(config: Config, row: TrialRow) -> str:
     """The exact `hpcdl train` that re-runs a trial (its params and its seed)."""
     sets = [f"--set {shlex.quote(f'{k}={v}')}" for k, v in row.params.items()]
-    seed = study.trial_seed(config.section("search")["seed"], row.number)
     return (
         f"mpirun -np {max(row.ranks, 1)} hpcdl train --config "
-        f"{config.paths.config_file} {' '.join(sets)} --set seed={seed} "
+        f"{config.paths.config_file} {' '.join(sets)} --set seed={row.seed} "
         f"--out {config.paths.run_file(f'{config.name}-trial{row.number}')}"
     )
 

@@ -384,6 +384,14 @@ def trial_seed(study_seed: int, number: int) -> int:
     return int(np.random.SeedSequence([study_seed, number]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
+def seed_of(config: Config, trial: FrozenTrial) -> int:
+    """The seed a trial trains with: its first attempt's, so a re-run (after a lost worker or
+    an interruption) resumes the very run it replaces, and the report's reproduce command and
+    the final retrain use the seed the trial really had."""
+    attempts = RetryHeartbeatStaleTrialCallback.retry_history(trial)
+    return trial_seed(config.section("search")["seed"], attempts[0] if attempts else trial.number)
+
+
 def objective_sign(config: Config) -> int:
     """+1 if the (first) objective is maximised, -1 if minimised: `sign * value` grows as a
     trial gets better, whichever the direction."""
@@ -399,10 +407,10 @@ def best_complete(config: Config, trials: list[FrozenTrial]) -> FrozenTrial | No
     return max(complete, key=lambda t: sign * t.values[0])
 
 
-def best_trial(config: Config) -> tuple[int, dict[str, Any]]:
-    """The trial to retrain or scale: its number and params."""
+def best_trial(config: Config) -> FrozenTrial:
+    """The trial to retrain or scale (number, params, seed_of)."""
     best = best_complete(config, load_study(config).get_trials(deepcopy=False))
     if best is None:
         raise UserError(f"{config.origin}: study {config.name!r} has no complete trial to "
                         "retrain (see `hpcdl status`)")
-    return best.number, dict(best.params)
+    return best

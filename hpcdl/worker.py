@@ -88,18 +88,14 @@ class Worker:
             params = study.suggest(trial, self.config.section("search")["space"])
             # a re-run resumes from the attempt before it (which may itself be a re-run that
             # adopted the first attempt's checkpoint) and keeps the first attempt's seed
-            attempts = RetryHeartbeatStaleTrialCallback.retry_history(
-                study.storage_of(self.study).get_trial(study.trial_id(trial))
-            )
+            frozen = study.storage_of(self.study).get_trial(study.trial_id(trial))
+            attempts = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
             resume_from = attempts[-1] if attempts else None
             trial.set_user_attr(study.TRIAL_FILE, str(self.config.trial_file(trial.number)))
             self.trial = trial
             if resume_from is not None:
                 self._adopt_checkpoint(resume_from, trial.number)
-            seed = study.trial_seed(
-                self.config.section("search")["seed"], attempts[0] if attempts else trial.number
-            )
-            return Plan(trial.number, params, seed, resume_from)
+            return Plan(trial.number, params, study.seed_of(self.config, frozen), resume_from)
         log.info("worker %d: no more trials (%s)", self.worker_id, over)
         return None
 
@@ -210,9 +206,12 @@ def retrain_best(config: Config) -> train.RunResult:
     model (best/model.keras) and its run file (best/run.h5)."""
     ranks = parallel.init(config.params["intra_op_threads"])
     logs.configure(ranks.rank, ranks.size, ranks.host)
-    number, params = parallel.broadcast_object(
-        parallel.on_root(lambda: study.best_trial(config), "final.best"), "final.params")
-    seed = study.trial_seed(config.section("search")["seed"], number)
+    def best() -> tuple[int, dict[str, Any], int]:
+        trial = study.best_trial(config)
+        return trial.number, trial.params, study.seed_of(config, trial)
+
+    number, params, seed = parallel.broadcast_object(
+        parallel.on_root(best, "final.best"), "final.params")
     if ranks.is_root:
         log.info("retraining trial %d's params on train+val: %s", number, params)
     return train.train(config.with_params({**params, "seed": seed}), config.paths.best_run,

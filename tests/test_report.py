@@ -64,7 +64,8 @@ def test_summary_has_one_row_per_trial(sweep: Path) -> None:
 def test_report_names_the_best_trial_and_embeds_figures(sweep: Path) -> None:
     cfg = config.load(sweep)
     html = (cfg.sweep_dir / "report.html").read_text()
-    best_number, best_params = study.best_trial(cfg)
+    best = study.best_trial(cfg)
+    best_number, best_params = best.number, best.params
     assert f"trial #{best_number}" in html
     assert f"--set width={best_params['width']}" in html  # the reproduce command
     assert html.count("data:image/png;base64,") >= 4
@@ -424,3 +425,22 @@ def test_clicking_a_header_sorts_the_trials_table_in_chromium(sweep: Path) -> No
         assert click("width") == sorted(width_of, key=lambda n: width_of[n])
     finally:
         browser.close()
+
+
+def test_reproduce_command_of_a_rerun_uses_the_seed_it_trained_with(tmp_path: Path) -> None:
+    """A trial re-run after an interruption trains with its first attempt's seed (it resumes that
+    run); the report's reproduce command must give that seed, not one of its own number."""
+    from hpcdl import report
+
+    cfg = config.load(write_sweep_config(tmp_path, search={"n_trials": 3}))
+    s = study.open_study(cfg)
+    first = s.ask()
+    study.suggest(first, cfg.section("search")["space"])
+    assert study.fail_and_retry(s, first, "interrupted (SIGTERM/SIGUSR1): test")
+    rerun = s.ask()
+    s.tell(rerun, 0.9)
+    frozen = s.get_trials()[rerun.number]
+    assert frozen.system_attrs["failed_trial"] == first.number
+    command = report.reproduce_command(cfg, report.trial_row(cfg, frozen))
+    assert f"--set seed={study.trial_seed(0, first.number)} " in command
+    assert f"--set seed={study.trial_seed(0, rerun.number)} " not in command

@@ -110,6 +110,10 @@ def test_stale_trial_is_failed_and_requeued_once(cfg: config.Config) -> None:
     assert trials[1].state == TrialState.WAITING and trials[1].params == trials[0].params
     assert trials[1].system_attrs["failed_trial"] == 0
     assert study.budget(trials, count_failed=True).failed == 0  # replaced, not a failure
+    # the re-run trains with the first attempt's seed: the run it resumes, and what the report's
+    # reproduce command and the final retrain must use
+    assert study.seed_of(cfg, trials[1]) == study.seed_of(cfg, trials[0]) == study.trial_seed(0, 0)
+    assert study.trial_seed(0, 1) != study.trial_seed(0, 0)
 
 
 def test_a_lost_trial_is_retried_at_most_three_times(cfg: config.Config) -> None:
