@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import h5py
 import numpy as np
 
-from hpcdl import __version__, store
+from hpcdl import __version__, sources, store
 from hpcdl.config import default_dataset_path
 from hpcdl.errors import DatasetError
 
@@ -337,11 +337,11 @@ def load_source(spec: str, options: SourceOptions) -> Arrays:
         return load_idx_dataset(spec, directory, classes, known)
     if spec == "digits":
         return load_digits_dataset(options.test_fraction, options.seed)
-    kind, _, file = spec.partition(":")
-    if kind in ("npz", "hdf5", "h5") and file:
+    kind = sources.file_kind(spec)
+    if kind:
         return load_user_arrays(
-            "npz" if kind == "npz" else "hdf5",
-            Path(file),
+            kind,
+            Path(spec.partition(":")[2]),
             options.x_key,
             options.y_key,
             options.x_test_key,
@@ -349,9 +349,7 @@ def load_source(spec: str, options: SourceOptions) -> Arrays:
             options.test_fraction,
             options.seed,
         )
-    raise DatasetError(
-        f"unknown dataset {spec!r}; expected fashion_mnist, mnist, digits, npz:FILE or hdf5:FILE"
-    )
+    raise DatasetError(f"unknown dataset {spec!r}; expected {sources.SPECS}")
 
 
 # ---------------------------------------------------------------- split and write
