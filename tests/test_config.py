@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, hpcdl_env, run_hpcdl, write_sweep_config
 from hpcdl import config
 from hpcdl.errors import ConfigError
 
@@ -215,10 +216,6 @@ def test_snakemake_dry_run_refuses_before_any_job(tmp_path: Path, layer: dict,
                                                   message: str) -> None:
     """The Snakefile checks the merged config with config.from_layers: `snakemake -n` stops
     with one line naming the layer file and the key, exit 2, and plans no job."""
-    import subprocess
-
-    from conftest import hpcdl_env
-
     bad = write(tmp_path, {**layer, "results_dir": str(tmp_path / "results")})
     done = subprocess.run(["snakemake", "-n", "--configfile", "configs/smoke.yaml", str(bad)],
                           cwd=REPO, env=hpcdl_env(), capture_output=True, text=True,
@@ -228,3 +225,14 @@ def test_snakemake_dry_run_refuses_before_any_job(tmp_path: Path, layer: dict,
     assert len(lines) == 1 and lines[0].startswith(f"{bad}: {message}"), done.stderr[-2000:]
     assert "Job stats" not in done.stdout + done.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_worker_refuses_a_space_beyond_the_parameter(tmp_path: Path) -> None:
+    path = write_sweep_config(tmp_path, search={"space": {"depth": {"type": "int", "low": 0,
+                                                                    "high": 3}}})
+    done = run_hpcdl("worker", "--config", str(path), timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1] == (
+        f"hpcdl worker: error: {path}: search.space.depth.low: 0 is outside what model.depth "
+        "allows (integer, minimum 1)")
+    assert not (tmp_path / "sweep").exists()
