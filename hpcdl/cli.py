@@ -33,11 +33,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if args.config:
         cfg = config.load(args.config, args.set)
-        request = data.PrepareRequest.from_config(cfg.section("dataset"), out or cfg.dataset_file)
+        section = cfg.section("dataset")
+        section["allow_nonfinite"] |= args.allow_nonfinite
+        request = data.PrepareRequest.from_config(section, out or cfg.dataset_file)
     elif args.dataset:
         options = data.SourceOptions(
             source=args.source, x_key=args.x_key, y_key=args.y_key, x_test_key=args.x_test_key,
-            y_test_key=args.y_test_key, test_fraction=args.test_fraction, seed=args.seed)
+            y_test_key=args.y_test_key, test_fraction=args.test_fraction, seed=args.seed,
+            allow_nonfinite=args.allow_nonfinite)
         request = data.PrepareRequest(args.dataset, options, args.val_fraction, out)
     else:
         raise UserError(
@@ -62,13 +65,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from hpcdl import config, data, worker
+    from hpcdl import config, worker
 
-    cfg = config.load(args.config, args.set)
-    # a missing or foreign dataset is one error here, not every trial of the study failing
-    data.dataset_info(cfg.dataset_file)
-    outcome = worker.Worker(cfg, args.worker_id).run()
-    return EXIT_INTERRUPTED if outcome == worker.WorkerOutcome.INTERRUPTED else 0
+    outcome = worker.Worker(config.load(args.config, args.set), args.worker_id,
+                            continue_changed=args.continue_changed).run()
+    return {worker.WorkerOutcome.INTERRUPTED: EXIT_INTERRUPTED,
+            worker.WorkerOutcome.FAILED: EXIT_FAILED}.get(outcome, 0)
 
 
 def cmd_storage_serve(args: argparse.Namespace) -> int:
@@ -191,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--x-test-key", default="x_test", help="test images, if present")
     prepare.add_argument("--y-test-key", default="y_test", help="test labels, if present")
     prepare.add_argument("--force", action="store_true", help="overwrite an existing output")
+    prepare.add_argument("--allow-nonfinite", action="store_true",
+                         help="keep NaN/inf values in npz/hdf5 images (refused by default)")
 
     train = sweep_command(sub, "train", cmd_train,
                           "one data-parallel training run (under mpirun/srun)")
@@ -201,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "its budget is spent (under mpirun/srun: one worker, many ranks)")
     worker.add_argument("--worker-id", type=int, default=0,
                         help="this worker's index (seeds its sampler; default 0)")
+    worker.add_argument("--continue-changed", action="store_true",
+                        help="continue the study although the config changed in a way that "
+                        "makes old and new trials incomparable (recorded in the study)")
 
     sweep_command(sub, "final", cmd_final, "retrain the best trial's params on train+val -> "
                   "<sweep>/best/model.keras and run.h5 (under mpirun/srun)")

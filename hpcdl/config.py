@@ -18,6 +18,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from hpcdl import sources
 from hpcdl.errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "configs" / "schema.yaml"
@@ -77,7 +78,9 @@ def validate(document: dict[str, Any], origin: str) -> dict[str, Any]:
     if errors:
         error = jsonschema.exceptions.best_match(errors)
         raise ConfigError(f"{origin}: {_where(error)}: {error.message}")
+    source_key = "dataset.source" if "source" in filled["dataset"] else "dataset.name"
     filled["dataset"].setdefault("source", filled["dataset"]["name"])
+    _check_dataset_source(filled["dataset"], f"{origin}: {source_key}")
     res = filled["resources"]
     if res["gpus_per_node"] and res["ranks_per_node"] > res["gpus_per_node"]:
         raise ConfigError(f"{origin}: resources.ranks_per_node: {res['ranks_per_node']} ranks "
@@ -85,6 +88,46 @@ def validate(document: dict[str, Any], origin: str) -> dict[str, Any]:
                           "drives one GPU")
     _check_search_space(filled, origin)
     return filled
+
+
+def _check_dataset_source(dataset: dict[str, Any], where: str) -> None:
+    """A dataset `hpcdl prepare` cannot produce is refused here, before anything is submitted;
+    `where` is "FILE: KEY", the key (dataset.source, or dataset.name it defaults to) that set it."""
+    problem = sources.source_problem(dataset["source"])
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
+
+
+def _allowed(prop: Mapping[str, Any]) -> str:
+    """What the schema allows for a parameter, e.g. 'number, minimum 0, exclusiveMaximum 1'."""
+    rules = [f"{key} {prop[key]}" for key in ("minimum", "exclusiveMinimum", "maximum",
+                                               "exclusiveMaximum", "enum") if key in prop]
+    kinds = prop["type"] if isinstance(prop["type"], list) else [prop["type"]]
+    return ", ".join(["/".join(kinds), *rules])
+
+
+def _check_space_against_param(name: str, dist: Mapping[str, Any], origin: str) -> None:
+    """A search-space entry may only draw values its parameter accepts: the schema's type,
+    bounds and enum of model.NAME / train.NAME apply to low, high and every choice."""
+    section = param_sections()[name]
+    prop = schema()["properties"][section]["properties"][name]
+    param, allowed = f"{section}.{name}", _allowed(prop)
+    kinds = set(prop["type"] if isinstance(prop["type"], list) else [prop["type"]])
+    where = f"{origin}: search.space.{name}"
+    fits = {"int": {"integer", "number"}, "float": {"number"}}.get(dist["type"])
+    if fits is not None and not kinds & fits:
+        instead = "int or categorical" if "integer" in kinds else "categorical"
+        raise ConfigError(f"{where}.type: {dist['type']} cannot search {param} ({allowed}); "
+                          f"use {instead}")
+    check = jsonschema.Draft202012Validator(prop)
+    values = ([(f"choices[{i}]", c) for i, c in enumerate(dist["choices"])]
+              if dist["type"] == "categorical" else
+              [(bound, dist[bound]) for bound in ("low", "high")])
+    for key, value in values:
+        error = next(iter(check.iter_errors(value)), None)
+        if error is not None:
+            raise ConfigError(f"{where}.{key}: {value!r} is outside what {param} allows "
+                              f"({allowed})")
 
 
 def _check_search_space(document: dict[str, Any], origin: str) -> None:
@@ -97,6 +140,7 @@ def _check_search_space(document: dict[str, Any], origin: str) -> None:
         if dist["type"] == "categorical":
             if not dist.get("choices"):
                 raise ConfigError(f"{where}: categorical needs a non-empty 'choices' list")
+            _check_space_against_param(name, dist, origin)
             continue
         if "low" not in dist or "high" not in dist:
             raise ConfigError(f"{where}: {dist['type']} needs 'low' and 'high'")
@@ -109,6 +153,7 @@ def _check_search_space(document: dict[str, Any], origin: str) -> None:
             raise ConfigError(f"{where}: 'step' cannot be combined with log=true")
         if dist["type"] == "int" and not (float(low).is_integer() and float(high).is_integer()):
             raise ConfigError(f"{where}: int range needs integer bounds, got {low}..{high}")
+        _check_space_against_param(name, dist, origin)
     if search["metric"] not in EPOCH_METRICS:
         raise ConfigError(
             f"{origin}: search.metric: unknown metric {search['metric']!r}; "

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import h5py
 import numpy as np
 
-from hpcdl import __version__, store
+from hpcdl import __version__, sources, store
 from hpcdl.config import default_dataset_path
 from hpcdl.errors import DatasetError
 
@@ -212,8 +212,10 @@ def load_user_arrays(
     y_test_key: str,
     test_fraction: float,
     seed: int,
+    allow_nonfinite: bool = False,
 ) -> Arrays:
-    """A user's own arrays from .npz or .h5; test from the test keys if present, else held out."""
+    """A user's own arrays from .npz or .h5; test from the test keys if present, else held out.
+    NaN or inf in the images is refused unless `allow_nonfinite`: every trial would fail."""
     if not path.is_file():
         raise DatasetError(f"{path}: {kind} file does not exist")
     with _open_arrays(kind, path) as arrays:
@@ -223,10 +225,14 @@ def load_user_arrays(
                 f"{path}: no array named {', '.join(map(repr, missing))}; "
                 f"it has {sorted(arrays.keys())} (choose with --x-key/--y-key)"
             )
+        if not allow_nonfinite:
+            refuse_nonfinite(path, x_key, arrays[x_key])
         x = _checked_images(path, x_key, np.asarray(arrays[x_key]))
         y = _checked_labels(path, y_key, np.asarray(arrays[y_key]), len(x), x_key)
         has_test = x_test_key in arrays and y_test_key in arrays
         if has_test:
+            if not allow_nonfinite:
+                refuse_nonfinite(path, x_test_key, arrays[x_test_key])
             test_x = _checked_images(path, x_test_key, np.asarray(arrays[x_test_key]))
             test_y = _checked_labels(
                 path, y_test_key, np.asarray(arrays[y_test_key]), len(test_x), x_test_key
@@ -263,6 +269,30 @@ def _open_arrays(kind: str, path: Path) -> Iterator[dict[str, np.ndarray] | h5py
                 yield h5
     except (OSError, ValueError) as exc:
         raise DatasetError(f"{path}: cannot open as {kind} ({exc})") from exc
+
+
+def first_nonfinite(x: np.ndarray | h5py.Dataset) -> tuple[int, ...] | None:
+    """Index of the first NaN or inf in `x`, looked for block by block: of an HDF5 dataset only
+    one block is in memory at a time, and no second full copy of an array is made."""
+    if not np.issubdtype(x.dtype, np.floating) or x.ndim == 0:
+        return None
+    rows = _chunk_rows(x.shape[1:], x.dtype.itemsize, len(x))
+    for start in range(0, len(x), rows):
+        bad = ~np.isfinite(x[start : start + rows])
+        if bad.any():
+            first = np.unravel_index(int(np.argmax(bad)), bad.shape)
+            return (start + int(first[0]), *(int(i) for i in first[1:]))
+    return None
+
+
+def refuse_nonfinite(path: Path, key: str, x: np.ndarray | h5py.Dataset) -> None:
+    """DatasetError naming the file, key and first index of a NaN or inf image value."""
+    index = first_nonfinite(x)
+    if index is not None:
+        raise DatasetError(
+            f"{path}: {key!r} has a non-finite value ({x[index]}) at index {list(index)}; "
+            "clean the data, or pass --allow-nonfinite (dataset.allow_nonfinite: true) to keep it"
+        )
 
 
 def _checked_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
@@ -319,6 +349,7 @@ class SourceOptions:
     y_test_key: str = "y_test"
     test_fraction: float = 0.2
     seed: int = 0
+    allow_nonfinite: bool = False  # NaN/inf in a user's images (refused by default)
 
 
 def load_source(spec: str, options: SourceOptions) -> Arrays:
@@ -337,21 +368,20 @@ def load_source(spec: str, options: SourceOptions) -> Arrays:
         return load_idx_dataset(spec, directory, classes, known)
     if spec == "digits":
         return load_digits_dataset(options.test_fraction, options.seed)
-    kind, _, file = spec.partition(":")
-    if kind in ("npz", "hdf5", "h5") and file:
+    kind = sources.file_kind(spec)
+    if kind:
         return load_user_arrays(
-            "npz" if kind == "npz" else "hdf5",
-            Path(file),
+            kind,
+            Path(spec.partition(":")[2]),
             options.x_key,
             options.y_key,
             options.x_test_key,
             options.y_test_key,
             options.test_fraction,
             options.seed,
+            options.allow_nonfinite,
         )
-    raise DatasetError(
-        f"unknown dataset {spec!r}; expected fashion_mnist, mnist, digits, npz:FILE or hdf5:FILE"
-    )
+    raise DatasetError(f"unknown dataset {spec!r}; expected {sources.SPECS}")
 
 
 # ---------------------------------------------------------------- split and write
@@ -481,7 +511,7 @@ class PrepareRequest:
         keys = {k: section[k] for k in ("x_key", "y_key", "x_test_key", "y_test_key")}
         options = SourceOptions(source=section["source_dir"],
                                 test_fraction=section["test_fraction"], seed=section["seed"],
-                                **keys)
+                                allow_nonfinite=section["allow_nonfinite"], **keys)
         return cls(section["source"], options, section["val_fraction"], out)
 
 
@@ -548,6 +578,23 @@ def dataset_info(path: str | Path) -> DatasetInfo:
             )
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read as HDF5 ({exc})") from exc
+
+
+def check_labels(info: DatasetInfo) -> None:
+    """Every label of the file is a class index below its n_classes (the model's outputs): a
+    file written by other means than `hpcdl prepare` may not hold to that."""
+    with h5py.File(info.path, "r") as handle:
+        for split in SPLITS:
+            labels = handle[f"{split}/y"]
+            for start in range(0, labels.shape[0], 1 << 20):
+                block = labels[start : start + (1 << 20)]
+                bad = (block < 0) | (block >= info.n_classes)
+                if bad.any():
+                    index = start + int(np.argmax(bad))
+                    raise DatasetError(
+                        f"{info.path}: /{split}/y[{index}] is {int(labels[index])}, not a class "
+                        f"index 0..{info.n_classes - 1} (attribute n_classes {info.n_classes})"
+                    )
 
 
 def shard_bounds(n: int, rank: int, size: int, equal: bool = True) -> tuple[int, int]:

@@ -9,6 +9,7 @@ only, `storage_of` and `trial_id`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -25,7 +27,7 @@ from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from hpcdl import liveness
-from hpcdl.config import Config
+from hpcdl.config import Config, validate
 from hpcdl.errors import ConfigError, UserError
 
 log = logging.getLogger("hpcdl.study")
@@ -36,6 +38,16 @@ FAIL_REASON = "hpcdl:fail_reason"
 SURPLUS = "hpcdl:surplus"
 TRIAL_FILE = "hpcdl:trial_file"
 MAX_RETRIES = 3
+# study user attrs: the config the study runs under, and each change of it on a rerun
+CONFIG = "config"
+CONFIG_CHANGES = "config_changes"
+# Config keys (and sections) whose change keeps trials comparable: how many trials and how
+# long, where and on what they run, where the study is kept. Any other change (dataset, model,
+# train, search space, objective, sampler, pruner, seeds) stops a rerun unless continued on
+# purpose (`hpcdl worker --continue-changed`).
+COMPARABLE = ("search.n_trials", "search.timeout_min", "search.count_failed",
+              "search.heartbeat_s", "search.stale_after_s", "resources", "storage",
+              "results_dir", "dataset.source_dir", "train.intra_op_threads")
 
 
 # ---------------------------------------------------------------- Optuna's private API
@@ -212,9 +224,11 @@ def load_study(config: Config) -> optuna.Study:
 
 
 def open_study(
-    config: Config, worker_id: int = 0, storage: BaseStorage | None = None
+    config: Config, worker_id: int = 0, storage: BaseStorage | None = None,
+    continue_changed: bool = False,
 ) -> optuna.Study:
-    """Create or load the sweep's study; refuse one created for other objectives."""
+    """Create or load the sweep's study; refuse one created for other objectives, or run
+    under a config whose results would not compare (unless `continue_changed`)."""
     storage = storage or open_storage(config)
     wanted = directions(config)
     study = optuna.create_study(
@@ -231,9 +245,81 @@ def open_study(
             f"{config.origin}: study {config.name!r} in {config.storage_url}"
             f" was created to {have}, but the config asks to {wanted}"
         )
-    if "config" not in study.user_attrs:
-        study.set_user_attr("config", config.as_dict())
+    stored = study.user_attrs.get(CONFIG)
+    if stored is None:
+        study.set_user_attr(CONFIG, config.as_dict())
+    else:
+        adopt_config(study, stored, config, continue_changed)
     return study
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A config as dotted key -> value (lists are values)."""
+    if not isinstance(node, Mapping):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Every dotted key whose value differs: key -> (old, new); None where a key is absent."""
+    before, after = _flat(old), _flat(new)
+    return {key: (before.get(key), after.get(key)) for key in sorted(before.keys() | after.keys())
+            if before.get(key) != after.get(key)}
+
+
+def is_comparable(key: str) -> bool:
+    return any(key == c or key.startswith(f"{c}.") for c in COMPARABLE)
+
+
+def optuna_cannot_continue(changes: Mapping[str, tuple[Any, Any]]) -> list[str]:
+    """Changed keys Optuna refuses within one study: a searched parameter's kind, log scale
+    or categorical choices (it raises ValueError at the next suggest)."""
+    return [key for key, (old, new) in changes.items()
+            if key.startswith("search.space.") and key.endswith((".type", ".log", ".choices"))
+            and old is not None and new is not None]
+
+
+def adopt_config(study: optuna.Study, stored: Mapping[str, Any], config: Config,
+                 continue_changed: bool) -> None:
+    """A rerun: continue under `config` if its changes keep results comparable, or if the
+    user continues on purpose (recorded in the study); else one ConfigError listing them.
+    Nothing is written to the study before the decision."""
+    with contextlib.suppress(ConfigError):  # a config stored by an older hpcdl: fill new defaults
+        stored = validate(dict(stored), "study")
+    changes = config_changes(stored, config.as_dict())
+    if not changes:
+        return
+    where = f"{config.origin}: study {config.name!r} in {config.storage_url}"
+    listed = ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in changes.items()
+                       if not is_comparable(key))
+    if listed and not continue_changed:
+        raise ConfigError(
+            f"{where} ran under another config; changed: {listed}; its trials would not "
+            "compare with new ones: give the sweep a new name, or continue this study on "
+            "purpose with `hpcdl worker --continue-changed`")
+    blocked = optuna_cannot_continue(changes)
+    if blocked:
+        raise ConfigError(
+            f"{where}: {', '.join(blocked)} changed, which Optuna cannot continue within one "
+            "study (a parameter's kind, log scale and choices are fixed); give the sweep a "
+            "new name")
+    history = list(study.user_attrs.get(CONFIG_CHANGES, []))
+    history.append({"at": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "from_trial": len(study.get_trials(deepcopy=False)),
+                    "changed": sorted(changes), "continued_on_purpose": bool(listed)})
+    study.set_user_attr(CONFIG_CHANGES, history)
+    study.set_user_attr(CONFIG, config.as_dict())
+    log.warning("study %r: continuing under a changed config (%s)%s", config.name,
+                ", ".join(sorted(changes)), " on purpose (--continue-changed)" if listed else "")
+
+
+def config_since(study: optuna.Study) -> int:
+    """The first trial number run under the study's current config."""
+    history = study.user_attrs.get(CONFIG_CHANGES, [])
+    return history[-1]["from_trial"] if history else 0
 
 
 def grpc_port(config: Config, port: int | None) -> int:
@@ -315,13 +401,24 @@ def budget_left(study: optuna.Study, config: Config) -> str | None:
         if starts and time.time() - min(starts) > search["timeout_min"] * 60:
             return f"wall-clock budget of {search['timeout_min']} min spent"
     spent = budget(trials, search["count_failed"])
-    if spent.failed >= search["n_trials"]:
-        return f"{spent.failed} trials failed: giving up"
+    # giving up counts failures under the current config: a corrected config gets a new chance
+    since = config_since(study)
+    failed = budget([t for t in trials if t.number >= since], search["count_failed"],
+                    replaced_numbers(trials)).failed
+    if failed >= search["n_trials"]:
+        return f"{failed} trials failed: giving up"
     if any(t.state == TrialState.WAITING for t in trials):
         return None  # enqueued or re-queued trials are claimed budget that still needs a worker
     if spent.claimed >= search["n_trials"]:
         return f"budget of {search['n_trials']} trials claimed"
     return None
+
+
+def nothing_completed(study: optuna.Study) -> bool:
+    """The sweep is over without a result: no trial completed and none is still running or
+    waiting (a worker ending then exits non-zero, so no report of nothing is made)."""
+    states = {t.state for t in study.get_trials(deepcopy=False)}
+    return not states & {TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING}
 
 
 def is_surplus(study: optuna.Study, trial: Trial, config: Config) -> bool:

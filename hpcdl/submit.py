@@ -107,32 +107,63 @@ srun --mpi=pmix --kill-on-bad-exit=1 {_run(f"hpcdl final --config {cfg}", contai
 
 
 def preview(config: Config, container: str | None = None) -> str:
-    """The scripts as `hpcdl submit --dry-run` shows them, each under the path it would get."""
-    return "\n".join(f"# ---- {config.paths.sbatch_script(script.name)}\n{script.text}"
-                     for script in render(config, config.paths.config_file, container))
+    """What `hpcdl submit --dry-run` shows: the scripts, each under the path it would get, then
+    the sbatch commands that would chain them, job ids as placeholders."""
+    scripts = "\n".join(f"# ---- {config.paths.sbatch_script(script.name)}\n{script.text}"
+                         for script in render(config, config.paths.config_file, container))
+    placeholders = {job: f"<{job} id>" for job in JOBS}
+    commands = [" ".join([*argv[:-1], shlex.quote(argv[-1])])
+                for step in chain(config, need_prepare=not config.dataset_file.exists())
+                for argv in [sbatch_argv(step, placeholders)]]
+    return (f"{scripts}\n# sbatch commands, in submission order (job ids as placeholders):\n"
+            + "\n".join(commands))
 
 
-def write(config: Config, container: str | None = None) -> tuple[Path, list[Path]]:
+def write(config: Config, container: str | None = None) -> None:
     """Write the validated config and the scripts under <sweep>/ and <sweep>/slurm/."""
     config.paths.slurm_dir.mkdir(parents=True, exist_ok=True)
     config.paths.logs_dir.mkdir(parents=True, exist_ok=True)
     config_file = config.paths.config_file
     with store.atomic_path(config_file) as tmp:
         tmp.write_text(yaml.safe_dump(config.as_dict(), sort_keys=False))
-    paths = []
     for script in render(config, config_file, container):
-        path = config.paths.sbatch_script(script.name)
-        with store.atomic_path(path) as tmp:
+        with store.atomic_path(config.paths.sbatch_script(script.name)) as tmp:
             tmp.write_text(script.text)
-        paths.append(path)
-    return config_file, paths
 
 
-def sbatch(script: Path, *options: str) -> str:
+JOBS = ("prepare", "workers", "report")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One sbatch call: the job, its script, and its --dependency on an earlier job, if any."""
+
+    job: str
+    script: Path
+    dependency: str | None = None  # e.g. "afterok:{prepare}", the earlier job's id filled in
+
+
+def chain(config: Config, need_prepare: bool) -> list[Step]:
+    """The submission order: prepare (only if the dataset file is missing) -> the worker array
+    once prepare succeeded -> report after the array, whatever its outcome."""
+    steps = [Step("prepare", config.paths.sbatch_script("prepare"))] if need_prepare else []
+    steps.append(Step("workers", config.paths.sbatch_script("workers"),
+                      "afterok:{prepare}" if need_prepare else None))
+    steps.append(Step("report", config.paths.sbatch_script("report"), "afterany:{workers}"))
+    return steps
+
+
+def sbatch_argv(step: Step, ids: dict[str, str]) -> list[str]:
+    """The sbatch command line of `step`, with the ids of the jobs it depends on."""
+    options = [f"--dependency={step.dependency.format(**ids)}"] if step.dependency else []
+    return ["sbatch", "--parsable", *options, str(step.script)]
+
+
+def sbatch(argv: list[str]) -> str:
     """Submit; the job id. Slurm's own error reaches the user verbatim, with the script."""
+    script = Path(argv[-1])
     try:
-        done = subprocess.run(["sbatch", "--parsable", *options, str(script)],
-                              capture_output=True, text=True, check=False, timeout=120)
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
     except FileNotFoundError as exc:
         raise UserError("sbatch is not on PATH: run hpcdl submit on a Slurm login node") from exc
     if done.returncode != 0:  # one line, as every user error is
@@ -145,12 +176,8 @@ def submit(config: Config, container: str | None = None) -> dict[str, str]:
     """Write and submit prepare (if needed), the worker array and the dependent report job."""
     if container is not None:
         require_container(container, config.origin)
-    _, (prepare, workers, report) = write(config, container)
+    write(config, container)
     ids: dict[str, str] = {}
-    dependency: list[str] = []
-    if not config.dataset_file.exists():
-        ids["prepare"] = sbatch(prepare)
-        dependency = [f"--dependency=afterok:{ids['prepare']}"]
-    ids["workers"] = sbatch(workers, *dependency)
-    ids["report"] = sbatch(report, f"--dependency=afterany:{ids['workers']}")
+    for step in chain(config, need_prepare=not config.dataset_file.exists()):
+        ids[step.job] = sbatch(sbatch_argv(step, ids))
     return ids

@@ -237,18 +237,41 @@ class Run:
         return self.config.params
 
 
+def check_batch_fits(config: Config, info: data.DatasetInfo, ranks: int) -> None:
+    """A rank's shard of train must hold one batch, else no step is ever taken."""
+    batch_size = config.params["batch_size"]
+    per_rank = info.sizes["train"] // ranks
+    if per_rank < batch_size:
+        raise UserError(
+            f"{config.dataset_file}: {info.sizes['train']} training samples over {ranks} "
+            f"ranks is {per_rank} per rank, fewer than one batch (train.batch_size "
+            f"{batch_size}); use fewer ranks or a smaller batch"
+        )
+
+
+def check_metrics_recorded(config: Config, info: data.DatasetInfo) -> None:
+    """The metrics a sweep optimises (or early-stops on) are recorded: val_* ones need rows in
+    the val split, or every epoch would report NaN."""
+    search = config.section("search")
+    wanted = {f"search.metric {search['metric']}": search["metric"]}
+    if search["second_objective"]:
+        metric = search["second_objective"]["metric"]
+        wanted[f"search.second_objective.metric {metric}"] = metric
+    if config.params["patience"]:
+        wanted[f"train.patience {config.params['patience']} (early stopping on val_loss)"] = (
+            "val_loss")
+    needs_val = [key for key, metric in wanted.items() if metric.startswith("val_")]
+    if needs_val and not info.sizes["val"]:
+        raise UserError(f"{config.dataset_file}: the val split is empty, but "
+                        f"{', '.join(needs_val)} needs it; prepare the dataset with a "
+                        "val_fraction > 0 or optimise a train metric")
+
+
 def _check_can_start(config: Config, out: Path, ranks: parallel.Ranks,
                      info: data.DatasetInfo) -> None:
     """Refuse, alike on every rank, a run that cannot start: too few samples per rank for one
     batch, or a finished run file at `out`."""
-    batch_size = config.params["batch_size"]
-    per_rank = info.sizes["train"] // ranks.size
-    if per_rank < batch_size:
-        raise UserError(
-            f"{config.dataset_file}: {info.sizes['train']} training samples over {ranks.size} "
-            f"ranks is {per_rank} per rank, fewer than one batch (train.batch_size "
-            f"{batch_size}); use fewer ranks or a smaller batch"
-        )
+    check_batch_fits(config, info, ranks.size)
     problem = _resume_problem(out) if ranks.is_root else None
     problem = parallel.broadcast_object(problem, "train.resume_problem")
     if problem:

@@ -21,9 +21,9 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import Trial, TrialState
 
-from hpcdl import liveness, logs, parallel, store, study, train
+from hpcdl import data, liveness, logs, models, parallel, store, study, train
 from hpcdl.config import Config
-from hpcdl.errors import UserError
+from hpcdl.errors import ConfigError, UserError
 
 log = logging.getLogger("hpcdl.worker")
 
@@ -33,6 +33,28 @@ class WorkerOutcome(StrEnum):
 
     DONE = "done"
     INTERRUPTED = "interrupted"
+    FAILED = "failed"  # the budget is spent and no trial of the study completed
+
+
+# params that decide whether the model fits the images: searched, a trial checks them itself
+ARCHITECTURE_PARAMS = {"family", "blocks"}
+
+
+def check_before_the_first_trial(config: Config, ranks: int) -> None:
+    """What depends only on the config and the dataset, checked once, alike on every rank and
+    before the study is opened: a problem here would fail every trial the same way. What a
+    trial's params decide (a searched batch size or depth) fails that trial only."""
+    info = data.dataset_info(config.dataset_file)
+    data.check_labels(info)
+    train.check_metrics_recorded(config, info)
+    searched = set(config.section("search")["space"])
+    if "batch_size" not in searched:
+        train.check_batch_fits(config, info, ranks)
+    if not searched & ARCHITECTURE_PARAMS:
+        try:
+            models.check_architecture(config.params, info.sample_shape)
+        except ConfigError as exc:
+            raise ConfigError(f"{config.origin}: {exc}") from None
 
 
 def objective_values(config: Config, result: train.RunResult) -> list[float]:
@@ -65,14 +87,17 @@ class Plan:
 class Worker:
     """One worker: a multi-rank job pulling trials from the shared study until the budget ends."""
 
-    def __init__(self, config: Config, worker_id: int) -> None:
+    def __init__(self, config: Config, worker_id: int, continue_changed: bool = False) -> None:
         self.config = config
         self.worker_id = worker_id
         self.ranks = parallel.init(config.params["intra_op_threads"])
         logs.configure(self.ranks.rank, self.ranks.size, self.ranks.host)
+        check_before_the_first_trial(config, self.ranks.size)
         self.trial: Trial | None = None
+        self.nothing_completed = False  # rank 0: the sweep ended without one complete trial
         self.study: optuna.Study | None = parallel.on_root(
-            lambda: study.open_study(config, worker_id), "worker.open")
+            lambda: study.open_study(config, worker_id, continue_changed=continue_changed),
+            "worker.open")
 
     def next_plan(self) -> Plan | None:
         """Rank 0: recover stale trials, check the budget, ask. Others: None."""
@@ -97,6 +122,10 @@ class Worker:
                 self._adopt_checkpoint(resume_from, trial.number)
             return Plan(trial.number, params, study.seed_of(self.config, frozen), resume_from)
         log.info("worker %d: no more trials (%s)", self.worker_id, over)
+        self.nothing_completed = study.nothing_completed(self.study)
+        if self.nothing_completed:
+            log.error("worker %d: no trial of study %r completed; see `hpcdl status`",
+                      self.worker_id, self.config.name)
         return None
 
     def _claim(self, trial: Trial) -> None:
@@ -195,7 +224,8 @@ class Worker:
             plan = self.next_plan() if self.ranks.is_root else None
             plan = parallel.broadcast_object(plan, "worker.plan")
             if plan is None:
-                return WorkerOutcome.DONE
+                failed = parallel.broadcast_object(self.nothing_completed, "worker.failed")
+                return WorkerOutcome.FAILED if failed else WorkerOutcome.DONE
             result = self.run_trial(plan)
             if result is not None and result.stop_reason == train.StopReason.INTERRUPTED:
                 return WorkerOutcome.INTERRUPTED

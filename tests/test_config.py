@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, hpcdl_env, run_hpcdl, write_sweep_config
 from hpcdl import config
 from hpcdl.errors import ConfigError
 
@@ -153,3 +154,85 @@ def test_an_error_names_the_layer_that_sets_the_key() -> None:
     assert config.layer_of("storage", layers) == "smoke.yaml, layer.yaml"  # a default
     cfg = config.from_layers(smoke, layers[:1], apptainer=False)
     assert cfg.origin == "smoke.yaml"
+
+
+SPACE_BEYOND_THE_PARAMETER = [
+    ("dropout", {"type": "float", "low": 0.0, "high": 1.0},
+     "search.space.dropout.high: 1.0 is outside what model.dropout allows "
+     "(number, minimum 0, exclusiveMaximum 1)"),
+    ("depth", {"type": "int", "low": 0, "high": 3},
+     "search.space.depth.low: 0 is outside what model.depth allows (integer, minimum 1)"),
+    ("depth", {"type": "float", "low": 1, "high": 3},
+     "search.space.depth.type: float cannot search model.depth (integer, minimum 1); "
+     "use int or categorical"),
+    ("activation", {"type": "categorical", "choices": ["relu", "sigmoid"]},
+     "search.space.activation.choices[1]: 'sigmoid' is outside what model.activation allows "
+     "(string, enum ['relu', 'elu', 'gelu', 'selu', 'tanh', 'swish'])"),
+    ("optimizer", {"type": "int", "low": 1, "high": 2},
+     "search.space.optimizer.type: int cannot search train.optimizer (string, enum "
+     "['adam', 'sgd', 'rmsprop', 'nadam']); use categorical"),
+    ("batch_size", {"type": "categorical", "choices": [32, 0.5]},
+     "search.space.batch_size.choices[1]: 0.5 is outside what train.batch_size allows "
+     "(integer, minimum 1)"),
+]
+
+
+@pytest.mark.parametrize(("param", "dist", "message"), SPACE_BEYOND_THE_PARAMETER)
+def test_search_space_stays_within_the_parameters_schema(tmp_path: Path, param: str,
+                                                         dist: dict, message: str) -> None:
+    path = write(tmp_path, {**MINIMAL, "search": {"space": {param: dist}}})
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_search_space_within_the_schema_passes(tmp_path: Path) -> None:
+    space = {"dropout": {"type": "float", "low": 0.0, "high": 0.99},
+             "first_block_convs": {"type": "categorical", "choices": [None, 1, 2]},
+             "warmup_epochs": {"type": "int", "low": 0, "high": 2}}
+    assert config.load(write(tmp_path, {**MINIMAL, "search": {"space": space}}))
+
+
+@pytest.mark.parametrize(("dataset", "message"), [
+    ({"name": "nosuch"}, "dataset.name: unknown dataset 'nosuch'; expected fashion_mnist, "
+     "mnist, digits, npz:FILE or hdf5:FILE"),
+    ({"name": "x", "source": "csv:x.csv"}, "dataset.source: unknown dataset 'csv:x.csv'; "
+     "expected fashion_mnist, mnist, digits, npz:FILE or hdf5:FILE"),
+])
+def test_a_dataset_prepare_cannot_produce_is_refused(tmp_path: Path, dataset: dict,
+                                                     message: str) -> None:
+    path = write(tmp_path, {**MINIMAL, "dataset": dataset})
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize(("layer", "message"), [
+    ({"search": {"space": {"dropout": {"type": "float", "low": 0.0, "high": 1.0}}}},
+     SPACE_BEYOND_THE_PARAMETER[0][2]),
+    ({"dataset": {"name": "nosuch"}}, "dataset.name: unknown dataset 'nosuch'"),
+])
+def test_snakemake_dry_run_refuses_before_any_job(tmp_path: Path, layer: dict,
+                                                  message: str) -> None:
+    """The Snakefile checks the merged config with config.from_layers: `snakemake -n` stops
+    with one line naming the layer file and the key, exit 2, and plans no job."""
+    bad = write(tmp_path, {**layer, "results_dir": str(tmp_path / "results")})
+    done = subprocess.run(["snakemake", "-n", "--configfile", "configs/smoke.yaml", str(bad)],
+                          cwd=REPO, env=hpcdl_env(), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith(f"{bad}: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"{bad}: {message}"), done.stderr[-2000:]
+    assert "Job stats" not in done.stdout + done.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_worker_refuses_a_space_beyond_the_parameter(tmp_path: Path) -> None:
+    path = write_sweep_config(tmp_path, search={"space": {"depth": {"type": "int", "low": 0,
+                                                                    "high": 3}}})
+    done = run_hpcdl("worker", "--config", str(path), timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1] == (
+        f"hpcdl worker: error: {path}: search.space.depth.low: 0 is outside what model.depth "
+        "allows (integer, minimum 1)")
+    assert not (tmp_path / "sweep").exists()

@@ -378,3 +378,57 @@ def test_read_shard_reads_only_its_share(tmp_path: Path) -> None:
         assert np.array_equal(x, f["train/x"][900:1800])
     # one rank of four reads about a quarter of the file (its chunks, plus metadata)
     assert bytes_read < 0.35 * file_size, (bytes_read, file_size)
+
+
+def nan_arrays(n: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """Float images with one NaN at [137, 2, 3] (past the first HDF5 block of 64 rows), labels."""
+    rng = np.random.default_rng(3)
+    x = rng.random((n, 8, 8)).astype(np.float32)
+    x[137, 2, 3] = np.nan
+    return x, np.arange(n) % 2
+
+
+@pytest.mark.parametrize("kind", ["hdf5", "npz"])
+def test_nonfinite_images_are_refused_unless_allowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    x, y = nan_arrays()
+    source = tmp_path / f"nan.{'h5' if kind == 'hdf5' else 'npz'}"
+    if kind == "hdf5":
+        with h5py.File(source, "w") as f:
+            f.create_dataset("pixels", data=x, chunks=(64, 8, 8))
+            f["y"] = y
+    else:
+        np.savez(source, pixels=x, y=y)
+    out = tmp_path / "o.h5"
+    code, err = prepare(capsys, f"{kind}:{source}", "--x-key", "pixels", "--out", str(out))
+    assert code == 2
+    assert [ln for ln in err.splitlines() if "error" in ln] == [
+        f"hpcdl prepare: error: {source}: 'pixels' has a non-finite value (nan) at index "
+        "[137, 2, 3]; clean the data, or pass --allow-nonfinite (dataset.allow_nonfinite: "
+        "true) to keep it"]
+    assert not out.exists()
+    code, err = prepare(capsys, f"{kind}:{source}", "--x-key", "pixels", "--out", str(out),
+                        "--allow-nonfinite")
+    assert code == 0, err
+    assert data.dataset_info(out).sizes == {"train": 144, "val": 16, "test": 40}
+
+
+def test_nonfinite_test_images_and_the_config_switch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    x, y = nan_arrays()
+    x[137, 2, 3] = 0.5
+    test_x = x[:40].copy()
+    test_x[5, 0, 0] = np.inf
+    source = tmp_path / "inf.npz"
+    np.savez(source, x=x, y=y, x_test=test_x, y_test=y[:40])
+    cfg = write_sweep_config(tmp_path, name="s", dataset={"name": "inf",
+                                                          "source": f"npz:{source}"})
+    code, err = prepare(capsys, "--config", str(cfg))
+    assert code == 2
+    assert f"{source}: 'x_test' has a non-finite value (inf) at index [5, 0, 0]" in err
+    assert not (tmp_path / "data" / "inf.h5").exists()
+    code, err = prepare(capsys, "--config", str(cfg), "--set", "dataset.allow_nonfinite=true")
+    assert code == 0, err
+    assert (tmp_path / "data" / "inf.h5").exists()

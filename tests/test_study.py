@@ -307,3 +307,76 @@ def test_dashboard_serves_rdb_storages(tmp_path: Path, backend: str,
         server.terminate()
         out, _ = server.communicate(timeout=30)
     assert f"optuna-dashboard for sweep {name} ({url}) at http://127.0.0.1:{port}/" in out
+
+
+# ---------------------------------------------------------------- a sweep that knows its config
+
+
+def failed_first_attempt(tmp_path: Path) -> tuple[Path, optuna.Study]:
+    """A sweep whose first attempt failed all its 3 trials (as a broken config's would)."""
+    path = write_sweep_config(tmp_path, search={"n_trials": 3})
+    cfg = config.load(path)
+    s = study.open_study(cfg)
+    for _ in range(3):
+        trial = s.ask()
+        study.suggest(trial, cfg.section("search")["space"])
+        s.tell(trial, state=TrialState.FAIL)
+    assert study.budget_left(s, config.load(path)) == "3 trials failed: giving up"
+    return path, s
+
+
+def rerun(path: Path, overrides: list[str], continue_changed: bool = False) -> optuna.Study:
+    return study.open_study(config.load(path, overrides), continue_changed=continue_changed)
+
+
+def test_changed_config_stops_with_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    path, s = failed_first_attempt(tmp_path)
+    before = (s.user_attrs, len(s.get_trials()))
+    with pytest.raises(ConfigError) as info:
+        rerun(path, ["train.batch_size=16", "search.space.width.log=false", "resources.workers=3"])
+    assert str(info.value) == (
+        f"{path}: study 'sweep' in journal ran under another config; changed: "
+        "search.space.width.log (True -> False), train.batch_size (32 -> 16); its trials "
+        "would not compare with new ones: give the sweep a new name, or continue this study "
+        "on purpose with `hpcdl worker --continue-changed`")
+    again = study.load_study(config.load(path))
+    assert (again.user_attrs, len(again.get_trials())) == before
+
+
+def test_a_log_flag_change_is_refused_even_on_purpose(tmp_path: Path) -> None:
+    """Optuna raises ValueError at the next suggest: refused up front, one line."""
+    path, _ = failed_first_attempt(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        rerun(path, ["search.space.width.log=false"], continue_changed=True)
+    assert str(info.value) == (
+        f"{path}: study 'sweep' in journal: search.space.width.log changed, which Optuna "
+        "cannot continue within one study (a parameter's kind, log scale and choices are "
+        "fixed); give the sweep a new name")
+    assert study.CONFIG_CHANGES not in study.load_study(config.load(path)).user_attrs
+
+
+def test_continue_changed_is_recorded_and_old_failures_do_not_count(tmp_path: Path) -> None:
+    path, _ = failed_first_attempt(tmp_path)
+    s = rerun(path, ["train.batch_size=16"], continue_changed=True)
+    cfg = config.load(path, ["train.batch_size=16"])
+    [change] = s.user_attrs[study.CONFIG_CHANGES]
+    assert change["changed"] == ["train.batch_size"] and change["from_trial"] == 3
+    assert change["continued_on_purpose"] is True and change["at"].endswith("+00:00")
+    assert s.user_attrs["config"]["train"]["batch_size"] == 16
+    # the corrected config runs: the first attempt's 3 failures are not counted against it
+    assert study.budget_left(s, cfg) is None
+    s.tell(s.ask(), state=TrialState.FAIL)
+    assert study.budget_left(s, cfg) is None
+    rerun(path, ["train.batch_size=16"])  # the same config again: no new record
+    assert len(study.load_study(cfg).user_attrs[study.CONFIG_CHANGES]) == 1
+
+
+def test_comparable_changes_continue_the_study(tmp_path: Path) -> None:
+    path, _ = failed_first_attempt(tmp_path)
+    s = rerun(path, ["search.n_trials=5", "resources.workers=4", "search.timeout_min=30",
+                     "search.heartbeat_s=10"])
+    [change] = s.user_attrs[study.CONFIG_CHANGES]
+    assert change["changed"] == ["resources.workers", "search.heartbeat_s", "search.n_trials",
+                                 "search.timeout_min"]
+    assert change["continued_on_purpose"] is False
+    assert study.budget_left(s, config.load(path, ["search.n_trials=5"])) is None

@@ -73,6 +73,11 @@ def script_commands(stdout: str) -> dict[str, list[str]]:
     return scripts
 
 
+def sbatch_commands(stdout: str) -> list[str]:
+    """The sbatch command lines a dry run prints after the scripts."""
+    return stdout.split("in submission order (job ids as placeholders):\n")[1].splitlines()
+
+
 def test_dry_run_prints_the_three_scripts_and_submits_nothing(tmp_path: Path) -> None:
     stdout, sweep_dir = dry_run(tmp_path)
     # named by the paths `hpcdl submit` would write them to, in submission order
@@ -87,8 +92,24 @@ def test_dry_run_prints_the_three_scripts_and_submits_nothing(tmp_path: Path) ->
         "report": [f"srun --mpi=pmix --kill-on-bad-exit=1 hpcdl final --config {cfg}",
                    f"hpcdl aggregate --config {cfg}", f"hpcdl report --config {cfg}"]}
     assert "#SBATCH --array=0-1" in stdout and "apptainer" not in stdout
+    # then the sbatch calls `hpcdl submit` would make, chained by the placeholders' job ids
+    slurm = sweep_dir / "slurm"
+    assert sbatch_commands(stdout) == [
+        f"sbatch --parsable {slurm}/prepare.sbatch",
+        f"sbatch --parsable --dependency=afterok:<prepare id> {slurm}/workers.sbatch",
+        f"sbatch --parsable --dependency=afterany:<workers id> {slurm}/report.sbatch"]
     # nothing written (no scripts, no config copy, no log dir), so nothing could be submitted
     assert not sweep_dir.exists()
+
+
+def test_dry_run_with_the_dataset_file_present_submits_no_prepare(tmp_path: Path,
+                                                                  digits_h5: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "digits.h5").symlink_to(digits_h5)
+    stdout, sweep_dir = dry_run(tmp_path)
+    assert sbatch_commands(stdout) == [
+        f"sbatch --parsable {sweep_dir}/slurm/workers.sbatch",
+        f"sbatch --parsable --dependency=afterany:<workers id> {sweep_dir}/slurm/report.sbatch"]
 
 
 def test_apptainer_wraps_every_step_in_the_image(tmp_path: Path) -> None:

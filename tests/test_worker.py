@@ -341,12 +341,113 @@ def test_gives_up_after_n_trials_failures(results: Path) -> None:
                                                      "choices": [1.0e9]}}},
         train={"optimizer": "sgd", "epochs": 2})  # every trial diverges to NaN at once
     worker = start_worker(cfg, 0, log=results / "w.log")
-    assert worker.wait(timeout=600) == 0, (results / "w.log").read_text()[-3000:]
+    # no trial completed: exit 1, so Snakemake stops before aggregate and report
+    assert worker.wait(timeout=600) == 1, (results / "w.log").read_text()[-3000:]
     _, s = load(cfg)
     assert [(t.state, t.system_attrs[study.FAIL_REASON]) for t in s.get_trials()] == [
         (TrialState.FAIL, "failed: non-finite loss")] * 2
-    assert "worker 0: no more trials (2 trials failed: giving up)" in (
-        results / "w.log").read_text()
+    log = (results / "w.log").read_text()
+    assert "worker 0: no more trials (2 trials failed: giving up)" in log
+    assert "worker 0: no trial of study 'sweep' completed; see `hpcdl status`" in log
+
+
+def test_a_corrected_config_is_refused_then_continued_on_purpose(results: Path) -> None:
+    """The issue's rerun: a first attempt whose every trial failed; the corrected config stops
+    with one line and writes nothing; with --continue-changed it runs (old failures do not
+    count) and the study records the change."""
+    space = {"width": {"type": "int", "low": 16, "high": 64}}
+    search = {"n_trials": 2, "sampler": "random", "pruner": "none", "space": space}
+    cfg = write_sweep_config(results, search=search,
+                             train={"optimizer": "sgd", "epochs": 1, "learning_rate": 1.0e9})
+    first = start_worker(cfg, 0, log=results / "first.log")
+    assert first.wait(timeout=600) == 1, (results / "first.log").read_text()[-3000:]
+    cfg = write_sweep_config(results, search=search,
+                             train={"optimizer": "sgd", "epochs": 1, "learning_rate": 0.05})
+    refused = run_mpi(2, "--tag-output", "hpcdl", "worker", "--config", str(cfg), timeout=300)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    line = (f"hpcdl worker: error: {cfg}: study 'sweep' in journal ran under another config; "
+            "changed: train.learning_rate (1000000000.0 -> 0.05); its trials would not compare "
+            "with new ones: give the sweep a new name, or continue this study on purpose with "
+            "`hpcdl worker --continue-changed`")
+    assert error_lines_per_rank(refused) == {"0": [line], "1": [line]}, refused.stderr[-3000:]
+    _, s = load(cfg)
+    assert [t.state for t in s.get_trials()] == [TrialState.FAIL] * 2
+    assert study.CONFIG_CHANGES not in s.user_attrs
+    again = run_mpi(2, "hpcdl", "worker", "--config", str(cfg), "--continue-changed",
+                    timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = check_finished_sweep(cfg, 2)
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.COMPLETE] * 2
+    _, s = load(cfg)
+    [change] = s.user_attrs[study.CONFIG_CHANGES]
+    assert (change["changed"], change["from_trial"], change["continued_on_purpose"]) == (
+        ["train.learning_rate"], 2, True)
+
+
+def empty_val_split(dataset: Path) -> None:
+    """Rewrite a dataset file's val split with no rows (as a file not from `hpcdl prepare`)."""
+    import h5py
+
+    with h5py.File(dataset, "r+") as f:
+        sample = f["val/x"].shape[1:]
+        del f["val"]
+        f.create_dataset("val/x", shape=(0, *sample), dtype="uint8")
+        f.create_dataset("val/y", shape=(0,), dtype="int64")
+
+
+def relabel(dataset: Path, row: int, label: int) -> None:
+    import h5py
+
+    with h5py.File(dataset, "r+") as f:
+        f["test/y"][row] = label
+
+
+@pytest.mark.parametrize("problem", ["batch_size", "cnn_depth", "val_metric", "labels"])
+def test_config_vs_dataset_problems_stop_before_the_study(results: Path, problem: str) -> None:
+    """Checked once per sweep: exit 2, the same one line on every rank, nothing in the study."""
+    from hpcdl import data
+
+    dataset = results / "data" / "digits.h5"
+    n_train = data.dataset_info(dataset).sizes["train"]
+    sections: dict = {"batch_size": {"train": {"batch_size": 700}},
+                      "cnn_depth": {"model": {"family": "cnn", "blocks": 4}}}.get(problem, {})
+    cfg = write_sweep_config(results, **sections)
+    if problem == "val_metric":
+        empty_val_split(dataset)
+    if problem == "labels":
+        relabel(dataset, 7, 10)
+    line = "hpcdl worker: error: " + {
+        "batch_size": f"{dataset}: {n_train} training samples over 2 ranks is {n_train // 2} "
+                      "per rank, fewer than one batch (train.batch_size 700); use fewer ranks "
+                      "or a smaller batch",
+        "cnn_depth": f"{cfg}: model: cnn too deep for 8x8 images: the max-pooling of block 4 "
+                     "(layer block4_pool) would shrink a 1x1 feature map to nothing; use "
+                     "blocks <= 3",
+        "val_metric": f"{dataset}: the val split is empty, but search.metric val_accuracy needs "
+                      "it; prepare the dataset with a val_fraction > 0 or optimise a train metric",
+        "labels": f"{dataset}: /test/y[7] is 10, not a class index 0..9 (attribute n_classes "
+                  "10)",
+    }[problem]
+    result = run_mpi(2, "--tag-output", "hpcdl", "worker", "--config", str(cfg), timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert error_lines_per_rank(result) == {"0": [line], "1": [line]}, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and not (results / "sweep").exists()
+
+
+def test_a_searched_batch_size_too_big_fails_only_its_trial(results: Path) -> None:
+    cfg = write_sweep_config(
+        results, search={"n_trials": 2, "sampler": "random", "pruner": "none",
+                         "space": {"batch_size": {"type": "categorical", "choices": [700, 32]}}},
+        train={"epochs": 1})
+    s = study.open_study(config.load(cfg))
+    for batch_size in (700, 32, 32):
+        s.enqueue_trial({"batch_size": batch_size})
+    worker = start_worker(cfg, 0, log=results / "w.log")
+    assert worker.wait(timeout=600) == 0, (results / "w.log").read_text()[-3000:]
+    trials = check_finished_sweep(cfg, 2)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert "fewer than one batch (train.batch_size 700)" in trials[0].system_attrs[
+        study.FAIL_REASON]
 
 
 def test_surplus_trial_of_two_workers_racing_for_the_last_slot(results: Path,
