@@ -21,11 +21,14 @@ demo: setup
 
 test: setup
 	ruff check hpcdl tests benchmarks
+	snakemake --lint --configfile configs/smoke.yaml
 	python -m pytest $(PYTEST_ARGS)
 
-# the code is formatted by hand to ruff's line length (100); `ruff format` is not applied
+# the code is formatted by hand to ruff's line length (100); `ruff format` is not applied.
+# snakemake --lint exits 1 on any finding, so CI (make test) fails on one.
 lint:
 	ruff check hpcdl tests benchmarks
+	snakemake --lint --configfile configs/smoke.yaml
 
 # Benchmarks append to benchmarks/RESULTS.md. bench-quick: each script's small mode.
 BENCH_ARGS ?=
