@@ -75,11 +75,11 @@ def cmd_storage_serve(args: argparse.Namespace) -> int:
     from hpcdl import config, study
 
     cfg = config.load(args.config, args.set)
-    backend = study.open_storage(cfg, args.backend)
+    backend, served = study.proxy_backend(cfg, args.backend, args.force_journal)
     port = study.grpc_port(cfg, args.port)
     log.info(
         "serving %s (study %s) on %s:%d for grpc:// workers; Ctrl-C stops",
-        args.backend or "the sweep's journal",
+        served,
         cfg.name,
         args.host,
         port,
@@ -235,8 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     storage_sub = storage.add_subparsers(dest="storage_command", required=True)
     serve = sweep_command(storage_sub, "serve", cmd_storage_serve, "Optuna's gRPC storage "
                           "proxy in front of the sweep's storage, for workers on many nodes")
-    serve.add_argument("--backend", default="journal",
-                       help="storage behind the proxy (default: the sweep's journal file)")
+    serve.add_argument("--backend", help="storage URL behind the proxy, e.g. postgresql://... "
+                       "(default: SQLite file <sweep>/study.sqlite)")
+    serve.add_argument("--force-journal", action="store_true",
+                       help="allow --backend journal, which Optuna's proxy does not support "
+                       "(optuna#6084)")
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on")
     serve.add_argument("--port", type=int, help="port (default: from the config's grpc:// URL)")
     return parser
