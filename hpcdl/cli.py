@@ -14,6 +14,8 @@ from hpcdl import __version__, logs
 from hpcdl.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 log = logging.getLogger("hpcdl")
+# the commands that load TensorFlow: loaded first, without its known start-up noise
+TENSORFLOW_COMMANDS = frozenset({"doctor", "train", "worker", "final"})
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -250,6 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure()
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    if args.command in TENSORFLOW_COMMANDS:
+        from hpcdl import quiet
+
+        quiet.import_tensorflow()
     try:
         return func(args)
     except UserError as exc:

@@ -55,7 +55,9 @@ def render(snap: dict[str, Any]) -> Group:
         for column in ("trial", "worker", "host", "slurm job", "epoch", "params"):
             running.add_column(column)
         for r in snap["running"]:
-            running.add_row(str(r["number"]), str(r["worker"]), str(r["host"]), str(r["job"]),
+            # workers started outside Slurm (make demo, mpirun) have no job id
+            running.add_row(str(r["number"]), str(r["worker"]), str(r["host"]),
+                            str(r["job"] or "local"),
                             str(r["epoch"]), ", ".join(f"{k}={v:.3g}" if isinstance(v, float)
                                                         else f"{k}={v}"
                                                         for k, v in r["params"].items()))

@@ -112,7 +112,8 @@ RUNNING_OWNER = {"hpcdl:worker_id": 7, "hpcdl:host": "node-042", "hpcdl:pid": os
                  "hpcdl:slurm_job_id": "4242_1", "hpcdl:heartbeat": time.time()}
 
 
-def made_up_study(results: Path, states: list[TrialState]) -> Path:
+def made_up_study(results: Path, states: list[TrialState],
+                  owner: dict[str, object] = RUNNING_OWNER) -> Path:
     """A real journal study with trials in the given states (no training needed)."""
     cfg_path = write_sweep_config(results, search={"n_trials": 10})
     cfg = config.load(cfg_path)
@@ -125,7 +126,7 @@ def made_up_study(results: Path, states: list[TrialState]) -> Path:
             s._storage.set_trial_system_attr(trial._trial_id, study.FAIL_REASON,
                                              "failed: non-finite loss")
         if state == TrialState.RUNNING:  # as a worker's rank 0 leaves it, two epochs in
-            for key, value in RUNNING_OWNER.items():
+            for key, value in owner.items():
                 s._storage.set_trial_system_attr(trial._trial_id, key, value)
             trial.report(0.3, 1)
             trial.report(0.4, 2)
@@ -154,6 +155,17 @@ def test_status_counts_each_state(tmp_path: Path) -> None:
     assert "5 of 10 trials finished" in table.stdout and "best so far: trial 2" in table.stdout
     row = next(line for line in table.stdout.splitlines() if "node-042" in line)
     assert [cell.strip() for cell in row.split("│")[1:6]] == ["6", "7", "node-042", "4242_1", "2"]
+
+
+def test_status_of_a_local_worker_shows_no_none(tmp_path: Path) -> None:
+    """A worker started outside Slurm (make demo) records no job id: the table says 'local'."""
+    local_owner = {k: v for k, v in RUNNING_OWNER.items() if k != "hpcdl:slurm_job_id"}
+    cfg_path = made_up_study(tmp_path, [TrialState.RUNNING], owner=local_owner)
+    table = run_hpcdl("status", "--config", str(cfg_path), COLUMNS="140")
+    assert table.returncode == 0, table.stderr
+    row = next(line for line in table.stdout.splitlines() if "node-042" in line)
+    assert [cell.strip() for cell in row.split("│")[1:6]] == ["0", "7", "node-042", "local", "2"]
+    assert "None" not in table.stdout, table.stdout
 
 
 def test_status_watch_refreshes_until_interrupted(tmp_path: Path) -> None:
