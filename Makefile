@@ -13,10 +13,13 @@ setup:
 DEMO_CONFIG ?= configs/demo.yaml
 
 # A real local sweep on Fashion-MNIST: prepare, 2 workers sharing one Optuna study, the
-# final retrain, aggregate and the report.
+# final retrain, aggregate and the report. Snakemake's output goes through `hpcdl status
+# --follow`, which prints it unchanged above one live line on the sweep (reading the study
+# every 5 s) and ends with it; pipefail keeps Snakemake's exit code as the target's.
 demo: setup
 	hpcdl doctor
-	snakemake --profile profiles/local --configfile $(DEMO_CONFIG)
+	set -o pipefail; snakemake --profile profiles/local --configfile $(DEMO_CONFIG) 2>&1 \
+	  | hpcdl status --follow --config $(DEMO_CONFIG)
 	@echo "report: $$(python -c 'from hpcdl import config; print(config.load("$(DEMO_CONFIG)").sweep_dir)')/report.html"
 
 test: setup

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -116,6 +118,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.set)
     if args.json:
         print(status.as_json(cfg))
+    elif args.follow:
+        # piped in (make demo): Snakemake's output, printed above the line until it ends
+        piped = sys.stdin.buffer if stat.S_ISFIFO(os.fstat(0).st_mode) else None
+        status.follow(cfg, args.every, piped)
     elif args.watch:
         status.watch(cfg, args.every)
     else:
@@ -212,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = sweep_command(sub, "status", cmd_status, "trials complete / running / pruned / "
                            "failed, best so far, budget left")
     status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    status.add_argument("--follow", action="store_true",
+                        help="one live line (finished / pruned / running, best, ETA) until the "
+                        "sweep ends; with output piped in (make demo: snakemake 2>&1 | ...), "
+                        "that output above the line, until it ends")
     status.add_argument("--every", type=float, default=5.0, help="seconds between refreshes")
     status.add_argument("--json", action="store_true", help="machine-readable snapshot")
 
