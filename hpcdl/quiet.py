@@ -48,7 +48,8 @@ def stderr_without_known_noise() -> Iterator[None]:
         sys.stderr.flush()
         os.dup2(original, 2)  # the pipe's last writer closes: the forwarder sees its end
         forwarder.join(timeout=10)  # a child that inherited the pipe may keep it open longer
-        os.close(original)
+        if not forwarder.is_alive():  # else it still forwards that child's lines
+            os.close(original)
 
 
 def import_tensorflow() -> None:
