@@ -13,19 +13,25 @@ setup:
 DEMO_CONFIG ?= configs/demo.yaml
 
 # A real local sweep on Fashion-MNIST: prepare, 2 workers sharing one Optuna study, the
-# final retrain, aggregate and the report.
+# final retrain, aggregate and the report. Snakemake's output goes through `hpcdl status
+# --follow`, which prints it unchanged above one live line on the sweep (reading the study
+# every 5 s) and ends with it; pipefail keeps Snakemake's exit code as the target's.
 demo: setup
 	hpcdl doctor
-	snakemake --profile profiles/local --configfile $(DEMO_CONFIG)
+	set -o pipefail; snakemake --profile profiles/local --configfile $(DEMO_CONFIG) 2>&1 \
+	  | hpcdl status --follow --config $(DEMO_CONFIG)
 	@echo "report: $$(python -c 'from hpcdl import config; print(config.load("$(DEMO_CONFIG)").sweep_dir)')/report.html"
 
 test: setup
 	ruff check hpcdl tests benchmarks
+	snakemake --lint --configfile configs/smoke.yaml
 	python -m pytest $(PYTEST_ARGS)
 
-# the code is formatted by hand to ruff's line length (100); `ruff format` is not applied
+# the code is formatted by hand to ruff's line length (100); `ruff format` is not applied.
+# snakemake --lint exits 1 on any finding, so CI (make test) fails on one.
 lint:
 	ruff check hpcdl tests benchmarks
+	snakemake --lint --configfile configs/smoke.yaml
 
 # Benchmarks append to benchmarks/RESULTS.md. bench-quick: each script's small mode.
 BENCH_ARGS ?=

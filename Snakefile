@@ -52,6 +52,20 @@ CONTAINER = RES["container"]
 RANK_EXEC = (
     f"apptainer exec --nv --bind {os.getcwd()} {CONTAINER}" if APPTAINER and CONTAINER else ""
 )
+
+
+def launched_per_rank(image):
+    """`container:` of the MPI rules: names the image their ranks run in (RANK_EXEC) for the
+    reader and `snakemake --lint`, but yields no image when Snakemake asks, so Snakemake never
+    wraps the launcher itself: srun stays on the host and starts one container per rank."""
+
+    def no_wrapping(wildcards):
+        return None
+
+    no_wrapping.image = image
+    return no_wrapping
+
+
 # Where jobs go: only what the sweep config names (never one site's values hard-coded).
 SITE = {key: RES[name] for key, name in (("slurm_partition", "partition"),
                                          ("slurm_account", "account")) if RES[name]}
@@ -132,7 +146,7 @@ rule worker:
     params:
         rank_exec=RANK_EXEC,
     container:
-        None
+        launched_per_rank(CONTAINER)
     shell:
         "{resources.mpi} -n {resources.tasks} {params.rank_exec} hpcdl worker --config {input.config}"
         " --worker-id {wildcards.worker} > {log} 2>&1"
@@ -177,7 +191,7 @@ rule final:
     params:
         rank_exec=RANK_EXEC,
     container:
-        None
+        launched_per_rank(CONTAINER)
     shell:
         "{resources.mpi} -n {resources.tasks} {params.rank_exec} hpcdl final"
         " --config {input.config} > {log} 2>&1"
@@ -202,7 +216,7 @@ rule scaling:
     params:
         rank_exec=RANK_EXEC,
     container:
-        None
+        launched_per_rank(CONTAINER)
     shell:
         "hpcdl scaling --config {input.config}"
         " --launcher '{resources.mpi}' --rank-exec '{params.rank_exec}' > {log} 2>&1"

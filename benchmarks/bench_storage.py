@@ -152,7 +152,8 @@ def main() -> None:
         f"{16 / (EPOCHS * PACE_SECONDS):.1f} trials/s, three times what 30-s trials would), ms "
         "per trial counting the storage calls only. Storages opened by "
         "hpcdl.study.open_storage: journal file with the open-lock, SQLite with Optuna's "
-        "heartbeat, gRPC proxy (`hpcdl storage serve`) in front of a journal. Goal: journal and "
+        "heartbeat, gRPC proxy (`hpcdl storage serve`, its default: an SQLite file in the sweep "
+        "dir; Optuna's proxy does not support a journal, optuna#6084). Goal: journal and "
         "gRPC lose nothing at 16 processes; per-trial overhead < 300 ms (1 % of a 30 s trial).")
 
 

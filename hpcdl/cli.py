@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +16,8 @@ from hpcdl import __version__, logs
 from hpcdl.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 log = logging.getLogger("hpcdl")
+# the commands that load TensorFlow: loaded first, without its known start-up noise
+TENSORFLOW_COMMANDS = frozenset({"doctor", "train", "worker", "final"})
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -77,11 +81,11 @@ def cmd_storage_serve(args: argparse.Namespace) -> int:
     from hpcdl import config, study
 
     cfg = config.load(args.config, args.set)
-    backend = study.open_storage(cfg, args.backend)
+    backend, served = study.proxy_backend(cfg, args.backend, args.force_journal)
     port = study.grpc_port(cfg, args.port)
     log.info(
         "serving %s (study %s) on %s:%d for grpc:// workers; Ctrl-C stops",
-        args.backend or "the sweep's journal",
+        served,
         cfg.name,
         args.host,
         port,
@@ -116,6 +120,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.set)
     if args.json:
         print(status.as_json(cfg))
+    elif args.follow:
+        # piped in (make demo): Snakemake's output, printed above the line until it ends
+        piped = sys.stdin.buffer if stat.S_ISFIFO(os.fstat(0).st_mode) else None
+        status.follow(cfg, args.every, piped)
     elif args.watch:
         status.watch(cfg, args.every)
     else:
@@ -217,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = sweep_command(sub, "status", cmd_status, "trials complete / running / pruned / "
                            "failed, best so far, budget left")
     status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    status.add_argument("--follow", action="store_true",
+                        help="one live line (finished / pruned / running, best, ETA) until the "
+                        "sweep ends; with output piped in (make demo: snakemake 2>&1 | ...), "
+                        "that output above the line, until it ends")
     status.add_argument("--every", type=float, default=5.0, help="seconds between refreshes")
     status.add_argument("--json", action="store_true", help="machine-readable snapshot")
 
@@ -242,8 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     storage_sub = storage.add_subparsers(dest="storage_command", required=True)
     serve = sweep_command(storage_sub, "serve", cmd_storage_serve, "Optuna's gRPC storage "
                           "proxy in front of the sweep's storage, for workers on many nodes")
-    serve.add_argument("--backend", default="journal",
-                       help="storage behind the proxy (default: the sweep's journal file)")
+    serve.add_argument("--backend", help="storage URL behind the proxy, e.g. postgresql://... "
+                       "(default: SQLite file <sweep>/study.sqlite)")
+    serve.add_argument("--force-journal", action="store_true",
+                       help="allow --backend journal, which Optuna's proxy does not support "
+                       "(optuna#6084)")
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on")
     serve.add_argument("--port", type=int, help="port (default: from the config's grpc:// URL)")
     return parser
@@ -254,6 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure()
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    if args.command in TENSORFLOW_COMMANDS:
+        from hpcdl import quiet
+
+        quiet.import_tensorflow()
     try:
         return func(args)
     except UserError as exc:

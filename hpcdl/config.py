@@ -357,6 +357,11 @@ class SweepPaths:
         return self.sweep_dir / "study.journal"
 
     @property
+    def proxy_db(self) -> Path:
+        """The SQLite file `hpcdl storage serve` keeps the study in, behind the gRPC proxy."""
+        return self.sweep_dir / "study.sqlite"
+
+    @property
     def trials_dir(self) -> Path:
         return self.sweep_dir / "trials"
 

@@ -104,6 +104,6 @@ def stale_reason(trial: FrozenTrial, stale_after_s: float, now: float | None = N
     if age > stale_after_s:
         return (
             f"no heartbeat from {attrs.get(HOST)} pid {attrs.get(PID)} "
-            f"(job {attrs.get(JOB)}) for {age:.0f}s"
+            f"(job {attrs.get(JOB) or 'local'}) for {age:.0f}s"
         )
     return None

@@ -21,3 +21,6 @@ def configure(
         stream=sys.stderr,
         force=True,
     )
+    # TensorFlow logs through absl's Python logger at INFO, e.g. "Sharding callback duration"
+    # after every checkpoint write (each epoch): its warnings and errors are enough
+    logging.getLogger("absl").setLevel(logging.WARNING)

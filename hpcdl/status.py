@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import json
+import os
+import select
 import socket
+import sys
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, BinaryIO, TextIO
 
 from optuna.trial import TrialState
 from rich.console import Console, Group
@@ -55,7 +58,9 @@ def render(snap: dict[str, Any]) -> Group:
         for column in ("trial", "worker", "host", "slurm job", "epoch", "params"):
             running.add_column(column)
         for r in snap["running"]:
-            running.add_row(str(r["number"]), str(r["worker"]), str(r["host"]), str(r["job"]),
+            # workers started outside Slurm (make demo, mpirun) have no job id
+            running.add_row(str(r["number"]), str(r["worker"]), str(r["host"]),
+                            str(r["job"] or "local"),
                             str(r["epoch"]), ", ".join(f"{k}={v:.3g}" if isinstance(v, float)
                                                         else f"{k}={v}"
                                                         for k, v in r["params"].items()))
@@ -91,6 +96,132 @@ def watch(config: Config, every: float) -> None:
                 live.update(render(snapshot(config)))
         except KeyboardInterrupt:  # Ctrl-C is how a watch ends, not an error
             return
+
+
+# ------------------------------------------------------------- one live line (make demo)
+
+# A plain (non-terminal) log gets a line when the counts change, else this often.
+PLAIN_EVERY_S = 60.0
+
+
+def progress_line(config: Config) -> tuple[str, bool]:
+    """One line on the sweep (finished / pruned / running, best, ETA) and whether it is over."""
+    if config.storage_url == "journal" and not config.paths.journal.exists():
+        return f"sweep {config.name}: waiting for the first worker", False
+    try:
+        s = study.load_study(config)
+    except KeyError:  # Optuna's "study not found": no worker has created it yet
+        return f"sweep {config.name}: waiting for the first worker", False
+    trials = s.get_trials(deepcopy=False)
+    search = config.section("search")
+    spent = study.budget(trials, search["count_failed"])
+    counts = Counter(t.state for t in trials)
+    running = counts[TrialState.RUNNING]
+    best = study.best_complete(config, trials)
+    parts = [f"sweep {config.name}: {spent.finished}/{search['n_trials']} trials finished "
+             f"({counts[TrialState.PRUNED]} pruned, {spent.failed} failed), {running} running",
+             f"best {search['metric']} {best.values[0]:.4f} (trial {best.number})" if best
+             else "no complete trial yet"]
+    starts = [t.datetime_start.timestamp() for t in trials if t.datetime_start]
+    left = search["n_trials"] - spent.finished
+    if starts and spent.finished and left > 0:
+        per_trial = (time.time() - min(starts)) / spent.finished
+        parts.append(f"ETA {_minutes(per_trial * left)}")
+    over = study.budget_left(s, config) is not None and not running
+    return ", ".join(parts), over
+
+
+def _minutes(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class ProgressLine:
+    """The live line on a terminal (redrawn in place, other text printed above it), or
+    occasional plain lines in a log."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.terminal = out.isatty()
+        self.shown = ""  # on a terminal: the line now on screen; in a log: the last one printed
+        self.printed_at = 0.0
+
+    def update(self, line: str) -> None:
+        if self.terminal:
+            self.out.write(f"\r\x1b[K{line}")
+            self.shown = line
+        elif _without_eta(line) != _without_eta(self.shown) or (
+                time.monotonic() - self.printed_at >= PLAIN_EVERY_S):
+            self.out.write(f"{line}\n")
+            self.shown, self.printed_at = line, time.monotonic()
+        self.out.flush()
+
+    def print_above(self, text: str) -> None:
+        """Text of another program (Snakemake's job lines), kept intact above the live line."""
+        if self.terminal and self.shown:
+            self.out.write(f"\r\x1b[K{text}{self.shown}")
+        else:
+            self.out.write(text)
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.terminal and self.shown:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def _without_eta(line: str) -> str:
+    return line.partition(", ETA ")[0]
+
+
+def follow(config: Config, every: float, passthrough: BinaryIO | None) -> None:
+    """The live line until the sweep is over or Ctrl-C. With `passthrough` (Snakemake's output
+    piped in, as `make demo` does), its lines are printed above the live line and the follow
+    ends when it closes: after Ctrl-C the line stops but Snakemake's last words still pass."""
+    line = ProgressLine(sys.stdout)
+    drawing, pending = True, b""
+    next_read = 0.0
+    try:
+        while True:
+            try:
+                if drawing and time.monotonic() >= next_read:
+                    text, over = _progress_or_reason(config)
+                    line.update(text)
+                    next_read = time.monotonic() + every
+                    if over:
+                        if passthrough is None:
+                            return
+                        drawing = False  # the line stays; Snakemake goes on to the report
+                wait = max(0.0, next_read - time.monotonic()) if drawing else None
+                if passthrough is None:
+                    time.sleep(wait or 0)
+                    continue
+                if not select.select([passthrough], [], [], wait)[0]:
+                    continue
+                chunk = os.read(passthrough.fileno(), 65536)
+                if not chunk:
+                    if pending:
+                        line.print_above(pending.decode(errors="replace") + "\n")
+                    return
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                if complete:
+                    line.print_above("".join(c.decode(errors="replace") + "\n"
+                                             for c in complete))
+            except KeyboardInterrupt:  # Ctrl-C ends the watch; Snakemake ends on its own
+                if passthrough is None or not drawing:
+                    return
+                drawing = False
+    finally:
+        line.close()
+
+
+def _progress_or_reason(config: Config) -> tuple[str, bool]:
+    """progress_line, or why the study could not be read this time (the next read may)."""
+    try:
+        return progress_line(config)
+    except Exception as exc:  # a storage being written may fail a read: not worth ending for
+        return f"sweep {config.name}: status unavailable ({str(exc).splitlines()[0]})", False
 
 
 def dashboard(config: Config, host: str, port: int) -> None:

@@ -335,6 +335,30 @@ def grpc_port(config: Config, port: int | None) -> int:
     return int(url.rpartition(":")[2])
 
 
+def proxy_backend(
+    config: Config, url: str | None, force_journal: bool = False
+) -> tuple[BaseStorage, str]:
+    """The storage `hpcdl storage serve` puts behind Optuna's gRPC proxy, and its name.
+
+    By default an SQLite file in the sweep dir: the proxy is its only client, so SQLite's
+    one-node limit does not apply. Optuna's proxy does not support JournalStorage (optuna#6084:
+    processes killed at random), so the journal is served only when forced."""
+    if url is None:
+        path = config.paths.proxy_db
+        path.parent.mkdir(parents=True, exist_ok=True)
+        search = config.section("search")
+        retry = RetryHeartbeatStaleTrialCallback(
+            max_retry=MAX_RETRIES, inherit_intermediate_values=True
+        )
+        return _open_rdb(f"sqlite:///{path}", search, retry), str(path)
+    if url == "journal" and not force_journal:
+        raise UserError(
+            "--backend journal: Optuna's gRPC proxy does not support JournalStorage "
+            "(optuna#6084); serve the default SQLite file or an RDB URL, or give --force-journal"
+        )
+    return open_storage(config, url), url
+
+
 def serve_grpc_proxy(storage: BaseStorage, host: str, port: int) -> None:
     """Optuna's gRPC proxy in front of `storage` until SIGINT/SIGTERM; then the storage calls in
     flight finish and the process ends at once."""

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
-from conftest import run_hpcdl
+from conftest import hpcdl_env, run_hpcdl
 
 pytestmark = pytest.mark.slow
 
@@ -59,3 +60,33 @@ def test_doctor_table_is_readable() -> None:
     mpirun = shutil.which("mpirun")
     assert mpirun and rows["mpirun"][0].startswith(f"{mpirun}: mpirun (Open MPI)")
     assert rows["sbatch"][0] == (shutil.which("sbatch") or "not on PATH")
+
+
+# TensorFlow's start-up lines on every process (hpcdl/quiet.py): known and harmless
+TF_NOISE = ("All log messages before absl::InitializeLog()", "Unable to register cuDNN factory",
+            "Unable to register cuBLAS factory", "Unable to register cuFFT factory")
+
+
+def test_doctor_stderr_has_no_tensorflow_start_up_noise() -> None:
+    result = run_hpcdl("doctor")
+    assert result.returncode == 0, result.stderr
+    assert not [line for line in result.stderr.splitlines()
+                if any(noise in line for noise in TF_NOISE)], result.stderr
+
+
+def test_the_filter_passes_every_other_line_of_fd_2() -> None:
+    """Only the known lines go: a real error written at the C level during the import stays."""
+    code = ("import os\nfrom hpcdl import quiet\n"
+            "with quiet.stderr_without_known_noise():\n"
+            "    import tensorflow\n"
+            "    os.write(2, b'E0000 00:00:1.2  15652 cuda_dnn.cc:8310] Unable to register cuDNN "
+            "factory: Attempting to register factory for plugin cuDNN when one has already been "
+            "registered\\n')\n"
+            "    os.write(2, b'E0000 real error: libcudnn.so.9 not found\\n')\n"
+            "    os.write(2, b'no newline at the end')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300, env=hpcdl_env(), check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.endswith("E0000 real error: libcudnn.so.9 not found\n"
+                                  "no newline at the end"), result.stderr
+    assert not any(noise in result.stderr for noise in TF_NOISE), result.stderr

@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from conftest import REPO, hpcdl_env, run_hpcdl, write_sweep_config
+from conftest import REPO, hpcdl_env, run_hpcdl, start_worker, write_sweep_config
 from hpcdl import config, store, study
 
 pytestmark = pytest.mark.slow
@@ -113,7 +113,8 @@ RUNNING_OWNER = {"hpcdl:worker_id": 7, "hpcdl:host": "node-042", "hpcdl:pid": os
                  "hpcdl:slurm_job_id": "4242_1", "hpcdl:heartbeat": time.time()}
 
 
-def made_up_study(results: Path, states: list[TrialState]) -> Path:
+def made_up_study(results: Path, states: list[TrialState],
+                  owner: dict[str, object] = RUNNING_OWNER) -> Path:
     """A real journal study with trials in the given states (no training needed)."""
     cfg_path = write_sweep_config(results, search={"n_trials": 10})
     cfg = config.load(cfg_path)
@@ -126,7 +127,7 @@ def made_up_study(results: Path, states: list[TrialState]) -> Path:
             s._storage.set_trial_system_attr(trial._trial_id, study.FAIL_REASON,
                                              "failed: non-finite loss")
         if state == TrialState.RUNNING:  # as a worker's rank 0 leaves it, two epochs in
-            for key, value in RUNNING_OWNER.items():
+            for key, value in owner.items():
                 s._storage.set_trial_system_attr(trial._trial_id, key, value)
             trial.report(0.3, 1)
             trial.report(0.4, 2)
@@ -157,6 +158,17 @@ def test_status_counts_each_state(tmp_path: Path) -> None:
     assert [cell.strip() for cell in row.split("│")[1:6]] == ["6", "7", "node-042", "4242_1", "2"]
 
 
+def test_status_of_a_local_worker_shows_no_none(tmp_path: Path) -> None:
+    """A worker started outside Slurm (make demo) records no job id: the table says 'local'."""
+    local_owner = {k: v for k, v in RUNNING_OWNER.items() if k != "hpcdl:slurm_job_id"}
+    cfg_path = made_up_study(tmp_path, [TrialState.RUNNING], owner=local_owner)
+    table = run_hpcdl("status", "--config", str(cfg_path), COLUMNS="140")
+    assert table.returncode == 0, table.stderr
+    row = next(line for line in table.stdout.splitlines() if "node-042" in line)
+    assert [cell.strip() for cell in row.split("│")[1:6]] == ["0", "7", "node-042", "local", "2"]
+    assert "None" not in table.stdout, table.stdout
+
+
 def test_status_watch_refreshes_until_interrupted(tmp_path: Path) -> None:
     cfg_path = made_up_study(tmp_path, [TrialState.COMPLETE, TrialState.RUNNING])
     leader, follower = pty.openpty()
@@ -179,6 +191,87 @@ def test_status_watch_refreshes_until_interrupted(tmp_path: Path) -> None:
     text = screen.decode(errors="replace")
     assert text.count("1 of 10 trials finished") >= 3, text[-2000:]  # redrawn, not printed once
     assert "node-042" in text and "Traceback" not in text, text[-2000:]
+
+
+def read_pty_until_exit(leader: int, process: subprocess.Popen[bytes],
+                        timeout: float) -> bytes:
+    """Everything `process` writes to its pseudo-terminal until it exits."""
+    screen, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([leader], [], [], 1)[0]:
+            try:
+                screen += os.read(leader, 65536)
+            except OSError:  # the pty closes with its last writer
+                break
+        elif process.poll() is not None:
+            break
+    return screen
+
+
+@pytest.mark.mpi
+def test_follow_redraws_one_line_while_a_real_worker_runs_and_ends_with_it(
+        results: Path) -> None:
+    cfg_path = write_sweep_config(results, search={"n_trials": 3}, train={"epochs": 2})
+    leader, follower = pty.openpty()
+    follow = subprocess.Popen(["hpcdl", "status", "--config", str(cfg_path), "--follow",
+                               "--every", "1"], env=hpcdl_env(COLUMNS="160"),
+                              stdin=follower, stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+    worker = start_worker(cfg_path, 0, log=results / "worker.log")
+    try:
+        screen = read_pty_until_exit(leader, follow, timeout=600)
+    finally:
+        os.close(leader)
+        follow.kill()
+        worker.wait(timeout=600)
+    assert follow.wait(timeout=60) == 0 and worker.returncode == 0
+    text = screen.decode(errors="replace")
+    draws = text.split("\r\x1b[K")[1:]  # each redraw of the one line, in place
+    assert any("waiting for the first worker" in d for d in draws), text[-2000:]
+    assert any("0/3 trials finished" in d and "1 running" in d for d in draws), text[-2000:]
+    assert any("ETA" in d for d in draws), text[-2000:]
+    assert "3/3 trials finished" in draws[-1] and "0 running" in draws[-1], text[-2000:]
+    assert "best val_accuracy" in draws[-1]
+    assert not [d for d in draws if "\n" in d.rstrip("\r\n")], text[-2000:]  # one line
+
+
+def test_follow_ends_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    cfg_path = made_up_study(tmp_path, [TrialState.RUNNING])  # a sweep that never ends
+    leader, follower = pty.openpty()
+    follow = subprocess.Popen(["hpcdl", "status", "--config", str(cfg_path), "--follow",
+                               "--every", "1"], env=hpcdl_env(COLUMNS="160"),
+                              stdin=follower, stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+    screen, deadline = b"", time.monotonic() + 120
+    while screen.count(b"1 running") < 2 and time.monotonic() < deadline:
+        if select.select([leader], [], [], 1)[0]:
+            screen += os.read(leader, 65536)
+    follow.send_signal(signal.SIGINT)
+    screen += read_pty_until_exit(leader, follow, timeout=60)
+    os.close(leader)
+    assert follow.wait(timeout=60) == 0, screen.decode(errors="replace")
+    assert b"Traceback" not in screen and screen.count(b"1 running") >= 2
+
+
+def test_follow_in_a_log_passes_piped_lines_and_prints_plain_lines(tmp_path: Path) -> None:
+    """CI's log: Snakemake's lines unchanged and in order, the progress as plain lines, no
+    control sequences; ends when the piped output does."""
+    cfg_path = made_up_study(tmp_path, [TrialState.COMPLETE] * 2 + [TrialState.PRUNED])
+    snakemake_like = subprocess.Popen(
+        ["sh", "-c", "echo 'Building DAG of jobs...'; sleep 3; echo 'rule worker:'; "
+         "printf 'Finished job 3.'"], stdout=subprocess.PIPE)
+    follow = subprocess.run(["hpcdl", "status", "--config", str(cfg_path), "--follow",
+                             "--every", "1"], env=hpcdl_env(), stdin=snakemake_like.stdout,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert snakemake_like.wait(timeout=60) == 0
+    assert follow.returncode == 0, follow.stderr
+    lines = follow.stdout.splitlines()
+    assert [ln for ln in lines if not ln.startswith("sweep ")] == [
+        "Building DAG of jobs...", "rule worker:", "Finished job 3."], follow.stdout
+    progress = [ln for ln in lines if ln.startswith("sweep ")]
+    assert progress and "3/10 trials finished (1 pruned, 0 failed)" in progress[0], progress
+    assert "best val_accuracy 0.5100 (trial 1)" in progress[0]
+    assert "\x1b" not in follow.stdout and "\r" not in follow.stdout
 
 
 def test_all_failed_sweep_still_reports(tmp_path: Path) -> None:

@@ -62,6 +62,10 @@ def test_two_ranks_average_gradients(results: Path) -> None:
         assert drawn.count(("0", str(epoch))) <= 2 + seconds / callbacks.PROGRESS_SECONDS
     header = subprocess.run(["h5dump", "-H", str(out)], capture_output=True, text=True, check=True)
     assert 'DATASET "val_accuracy"' in header.stdout
+    # no TensorFlow start-up noise from either rank (hpcdl/quiet.py), no absl INFO per checkpoint
+    noise = ("absl::InitializeLog()", "Unable to register cu", "Sharding callback duration")
+    assert not [ln for ln in result.stderr.splitlines() if any(n in ln for n in noise)], \
+        result.stderr[-3000:]
 
 
 def test_one_rank(results: Path) -> None:

@@ -17,7 +17,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import free_port, hpcdl_env, run_mpi, start_worker, write_sweep_config
+from conftest import free_port, hpcdl_env, run_hpcdl, run_mpi, start_worker, write_sweep_config
 from hpcdl import config, liveness, store, study
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
@@ -207,8 +207,20 @@ def test_grpc_proxy_storage(results: Path) -> None:
         finally:
             server.kill()  # no proxy outlives the test, whatever happened
     assert server.returncode == 0, server.stdout.read()[-3000:] if server.stdout else ""
-    journal = results / "sweep" / "study.journal"
-    assert journal.is_file()  # the proxy wrote through to the sweep's journal
+    # the proxy wrote through to the SQLite file in the sweep dir, never to a journal
+    assert (results / "sweep" / "study.sqlite").is_file()
+    assert not (results / "sweep" / "study.journal").exists()
+
+
+def test_grpc_proxy_refuses_journal_unless_forced(results: Path) -> None:
+    """Optuna's proxy does not support JournalStorage (optuna#6084): one line, exit 2."""
+    cfg = write_sweep_config(results, storage="grpc://127.0.0.1:1")
+    refused = run_hpcdl("storage", "serve", "--config", str(cfg), "--backend", "journal",
+                        timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    assert "optuna#6084" in refused.stderr and "--force-journal" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert not (results / "sweep" / "study.journal").exists()
 
 
 def test_mysql_storage(results: Path, mariadb: str) -> None:

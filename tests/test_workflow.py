@@ -38,6 +38,14 @@ def snakemake(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[
                           timeout=timeout, check=False)
 
 
+def test_workflow_is_lint_clean() -> None:
+    """`snakemake --lint` finds nothing, the MPI rules (which start their own containers per
+    rank) included."""
+    linted = snakemake("--lint", "--configfile", "configs/smoke.yaml", timeout=300)
+    assert linted.returncode == 0, linted.stdout
+    assert "Lints for" not in linted.stdout
+
+
 def test_local_profile_runs_the_whole_sweep(tmp_path: Path) -> None:
     results = tmp_path  # no dataset file: the prepare rule writes it
     layer = results / "layer.yaml"
