@@ -174,17 +174,8 @@ def sweep_command(sub: Any, name: str, func: Callable[[argparse.Namespace], int]
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hpcdl", description="Hyperparameter sweeps of Horovod data-parallel Keras "
-        "training on HPC clusters, from one YAML config. See README.md.")
-    parser.add_argument("--version", action="version", version=f"hpcdl {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    doctor = sub.add_parser("doctor", help="check the stack: TF, Keras, Horovod, MPI, Slurm, GPUs")
-    doctor.add_argument("--json", action="store_true", help="machine-readable output")
-    doctor.set_defaults(func=cmd_doctor)
-
+def add_prepare_command(sub: Any) -> None:
+    """`hpcdl prepare`: a dataset by name or file, with the options of its source."""
     prepare = sweep_command(sub, "prepare", cmd_prepare, "write a dataset HDF5 file (from "
                             "DATASET, or from a config's dataset section)", config_required=False)
     prepare.add_argument("dataset", nargs="?",
@@ -203,6 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--force", action="store_true", help="overwrite an existing output")
     prepare.add_argument("--allow-nonfinite", action="store_true",
                          help="keep NaN/inf values in npz/hdf5 images (refused by default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpcdl", description="Hyperparameter sweeps of Horovod data-parallel Keras "
+        "training on HPC clusters, from one YAML config. See README.md.")
+    parser.add_argument("--version", action="version", version=f"hpcdl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    doctor = sub.add_parser("doctor", help="check the stack: TF, Keras, Horovod, MPI, Slurm, GPUs")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(func=cmd_doctor)
+
+    add_prepare_command(sub)
 
     train = sweep_command(sub, "train", cmd_train,
                           "one data-parallel training run (under mpirun/srun)")
