@@ -87,6 +87,33 @@ def test_dry_run_with_the_cluster_down(tmp_path: Path) -> None:
         assert line in result.stdout
 
 
+def dry_run_resources(output: str) -> dict[str, dict[str, str]]:
+    """Each rule's `resources:` line of a dry run (the last job of a rule wins)."""
+    found: dict[str, dict[str, str]] = {}
+    for block in output.split("rule ")[1:]:
+        rule = block.split(":", 1)[0]
+        line = next((ln for ln in block.splitlines() if ln.strip().startswith("resources:")), "")
+        found[rule] = dict(item.split("=", 1) for item in
+                           line.split("resources:", 1)[-1].split(", ") if "=" in item)
+    return found
+
+
+def test_dry_run_shows_each_jobs_gpu_request(tmp_path: Path) -> None:
+    """GPUs asked per node, each MPI job for its own node count (scaling: fewer nodes, so
+    fewer GPUs); jobs that train nothing ask for none. The user sees it before submitting."""
+    layer = layer_file(tmp_path, resources={"ranks_per_node": 2, "gpus_per_node": 2,
+                                            "partition": "gpu"})
+    result = snakemake("-n", *slurm_profile(layer))
+    assert result.returncode == 0, result.stdout[-3000:]
+    resources = dry_run_resources(result.stdout)
+    for rule, nodes, tasks in (("worker", "2", "4"), ("final", "2", "4"), ("scaling", "1", "2")):
+        asked = resources[rule]
+        assert (asked["nodes"], asked["tasks"], asked["gres"]) == (nodes, tasks, "gpu:2"), rule
+        assert "gpu" not in asked and asked["tasks_per_gpu"] == "0", rule  # no --gpus, per job
+    for rule in ("prepare", "aggregate", "report"):
+        assert not {"gres", "gpu", "gpus"} & set(resources[rule]), rule
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
     up = subprocess.run(["bash", str(CLUSTER / "slurm-up.sh")], capture_output=True, text=True,
