@@ -14,7 +14,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from hpcdl import liveness, study
+from hpcdl import liveness, store, study
 from hpcdl.config import Config
 
 
@@ -36,9 +36,22 @@ def snapshot(config: Config) -> dict[str, Any]:
         "name": config.name, "counts": dict(counts), "running": running,
         "retried": len(replaced), "finished": spent.finished, "n_trials": search["n_trials"],
         "left": max(0, search["n_trials"] - spent.claimed),
-        "best": {"number": best.number, "value": best.values[0], "params": best.params}
+        "best": {"number": best.number, "value": best.values[0], "params": best.params,
+                 "placement": _placement(config, best.number)}
         if best else None, "metric": search["metric"],
     }
+
+
+def _placement(config: Config, number: int) -> list[dict[str, Any]] | None:
+    """Where each rank of a trial ran (its run file's `placement`); None if not recorded."""
+    path = config.trial_file(number)
+    return store.read_run(path).attrs.get("placement") if path.exists() else None
+
+
+def placement_text(placement: list[dict[str, Any]]) -> str:
+    """One line: each rank's host and GPU (or cpu), e.g. "0 n3:GPU 0, 1 n3:GPU 1"."""
+    return ", ".join(f"{p['rank']} {p['host']}:" + (f"GPU {p['gpu']}" if p["gpu"] is not None
+                                                    else "cpu") for p in placement)
 
 
 def render(snap: dict[str, Any]) -> Group:
@@ -68,6 +81,8 @@ def render(snap: dict[str, Any]) -> Group:
         best_table.add_column("value")
         for key, value in best["params"].items():
             best_table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        if best["placement"]:
+            best_table.add_row("placement (rank host:GPU)", placement_text(best["placement"]))
         parts.append(best_table)
     return Group(*parts)
 
