@@ -48,12 +48,6 @@ def _placement(config: Config, number: int) -> list[dict[str, Any]] | None:
     return store.read_run(path).attrs.get("placement") if path.exists() else None
 
 
-def placement_text(placement: list[dict[str, Any]]) -> str:
-    """One line: each rank's host and GPU (or cpu), e.g. "0 n3:GPU 0, 1 n3:GPU 1"."""
-    return ", ".join(f"{p['rank']} {p['host']}:" + (f"GPU {p['gpu']}" if p["gpu"] is not None
-                                                    else "cpu") for p in placement)
-
-
 def render(snap: dict[str, Any]) -> Group:
     """The snapshot as tables: counts by state, the running trials, the best so far."""
     summary = Table(title=f"sweep {snap['name']}: {snap['finished']} of {snap['n_trials']} "
@@ -82,7 +76,7 @@ def render(snap: dict[str, Any]) -> Group:
         for key, value in best["params"].items():
             best_table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
         if best["placement"]:
-            best_table.add_row("placement (rank host:GPU)", placement_text(best["placement"]))
+            best_table.add_row("placement (rank host:GPU)", store.placement_text(best["placement"]))
         parts.append(best_table)
     return Group(*parts)
 

@@ -94,6 +94,13 @@ def read_run(path: Path) -> RunRecord:
     return RunRecord(attrs, epochs, test)
 
 
+def placement_text(placement: list[dict[str, Any]]) -> str:
+    """A run file's `placement` on one line: each rank's host and GPU (or cpu), e.g.
+    "0 n3:GPU 0, 1 n3:GPU 1" (what `hpcdl status` and the report show)."""
+    return ", ".join(f"{p['rank']} {p['host']}:" + (f"GPU {p['gpu']}" if p["gpu"] is not None
+                                                    else "cpu") for p in placement)
+
+
 # ---------------------------------------------------------------- checkpoints of a run file
 
 

@@ -68,6 +68,9 @@ def test_report_names_the_best_trial_and_embeds_figures(sweep: Path) -> None:
     best_number, best_params = best.number, best.params
     assert f"trial #{best_number}" in html
     assert f"--set width={best_params['width']}" in html  # the reproduce command
+    # one CPU-only rank (no GPU given): where it ran, as its run file records it
+    placement = store.read_run(cfg.trial_file(best_number)).attrs["placement"]
+    assert f"Where its ranks ran (rank host:GPU): 0 {placement[0]['host']}:cpu</p>" in html
     assert html.count("data:image/png;base64,") >= 4
     for figure in ("history", "importances", "slice", "parallel", "curves", "intermediate"):
         assert (cfg.sweep_dir / "figures" / f"{figure}.png").is_file(), figure
