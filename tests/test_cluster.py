@@ -30,6 +30,7 @@ CLUSTER = REPO / "tests" / "cluster"
 MULTINODE_MPI = {"OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": "lo",
                  "OMPI_MCA_oob_tcp_if_include": "lo"}
 SLURMCTLD_PORT = 6817  # slurm-up.sh's SlurmctldPort
+SLURM_BASE = Path(os.environ.get("HPCDL_SLURM_DIR", "/tmp/hpcdl-slurm"))  # slurm-up.sh's BASE
 CLUSTER_UP_S = 600  # slurm-up.sh may install Slurm first
 SWEEP_S = 1500  # one whole sweep on the loaded test machine
 # pytest-timeout's global 900 s is for ordinary tests; a sweep test may also start the cluster
@@ -122,6 +123,10 @@ def cluster() -> Iterator[None]:
     yield
     subprocess.run(["bash", str(CLUSTER / "slurm-down.sh")], capture_output=True, timeout=120,
                    check=False)
+    # a stale gres.conf breaks the next slurmd whose slurm.conf has no GresTypes
+    leftovers = [path for path in (Path("/etc/slurm/gres.conf"), SLURM_BASE / "dev")
+                 if path.exists()]
+    assert leftovers == [], "slurm-down.sh left these behind"
 
 
 @pytest.fixture
@@ -324,6 +329,9 @@ def test_snakemake_gpu_sweep_one_rank_per_gpu(idle_cluster: None, results: Path)
         check_one_rank_per_gpu(cfg.trial_file(trial.number))
     check_one_rank_per_gpu(cfg.paths.best_run)
     assert store.read_scaling(cfg.paths.scaling_h5)["ranks"].tolist() == [1, 2]
+    best = store.read_run(cfg.trial_file(study.best_trial(cfg).number))
+    assert (f"Where its ranks ran (rank host:GPU): {store.placement_text(best.attrs['placement'])}"
+            in cfg.paths.report_html.read_text())
     jobs = {fields.get("Comment", "").split("_wildcards")[0].removeprefix("rule_"): fields
             for fields in job_records().values() if fields.get("Partition") == "gpu"}
     assert gpu_requests({rule: jobs[rule] for rule in ("worker", "final", "scaling")}) == {
