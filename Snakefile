@@ -69,6 +69,12 @@ def launched_per_rank(image):
 # Where jobs go: only what the sweep config names (never one site's values hard-coded).
 SITE = {key: RES[name] for key, name in (("slurm_partition", "partition"),
                                          ("slurm_account", "account")) if RES[name]}
+# GPUs are asked per node (--gres=gpu:N, as `hpcdl submit`'s --gpus-per-node), so a job of
+# fewer nodes (scaling) asks for fewer GPUs; a whole-job count (`gpu`, i.e. --gpus) was kept
+# when scaling shrank to one node and Slurm refused it. tasks_per_gpu 0: the executor plugin
+# would otherwise add --ntasks-per-gpu=<tasks>. Each rank sees its node's GPUs and pins one by
+# local rank (hpcdl.parallel.gpu_placement).
+GPUS = {"gres": f"gpu:{RES['gpus_per_node']}", "tasks_per_gpu": 0} if RES["gpus_per_node"] else {}
 MPI_JOB = dict(
     **SITE,
     nodes=RES["nodes"],
@@ -76,8 +82,7 @@ MPI_JOB = dict(
     cpus_per_task=RES["cpus_per_task"],
     runtime=RES["runtime_min"],
     mem_mb=RES["mem_mb"],
-    **({"gpu": RES["gpus_per_node"] * RES["nodes"], "tasks_per_gpu": 1}
-       if RES["gpus_per_node"] else {}),
+    **GPUS,
 )
 
 

@@ -177,17 +177,87 @@ def abort_job(code: int = 1) -> None:
         MPI.COMM_WORLD.Abort(code)
 
 
-def pin_gpu(local_rank: int) -> str | None:
-    """One GPU per rank, by local rank modulo visible GPUs (works with --gpus-per-task too)."""
+def _id_list(value: str | None) -> list[str]:
+    """A comma-separated GPU list as CUDA and Slurm write it ("0,1"); "" and unset: none."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which GPU a rank drives: what it was given and the device it pins (or, with no real
+    GPU, would pin). One per rank in every run file (store.py's `placement` attribute)."""
+
+    host: str
+    rank: int
+    local_rank: int
+    cuda_visible_devices: str | None  # as the rank was given it; None = unset
+    slurm_gpus: str | None  # SLURM_STEP_GPUS (inside a step) or SLURM_JOB_GPUS
+    device: int | None  # index among the GPUs the rank sees (TensorFlow's GPU:<device>)
+    gpu: str | None  # that GPU's id in its node's numbering: what two ranks must not share
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def gpu_placement(ranks: Ranks, env: Mapping[str, str], detected: int = 0) -> Placement:
+    """One task per GPU: the rank pins GPU `local_rank % n` of the n it sees, whether Slurm
+    shows it one GPU (--gpus-per-task, cgroup-constrained devices) or all of its node's
+    (--gpus-per-node, --gres). `detected`: the GPUs TensorFlow sees; with none (no driver,
+    emulated GPUs) the rank sees the ones CUDA_VISIBLE_DEVICES names.
+
+    The GPU's node-wide id: its CUDA_VISIBLE_DEVICES entry; when Slurm's list has as many
+    entries, the matching one of Slurm's (devices constrained by cgroup are renumbered from 0
+    in CUDA_VISIBLE_DEVICES, not in SLURM_STEP_GPUS).
+    """
+    given = env.get("CUDA_VISIBLE_DEVICES")
+    slurm = env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS")
+    visible, node_ids = _id_list(given), _id_list(slurm)
+    if given is None:
+        visible = node_ids
+    seen = detected or len(visible)
+    device = ranks.local_rank % seen if seen else None
+    gpu = None
+    if device is not None:
+        if len(node_ids) == len(visible) and device < len(node_ids):
+            gpu = node_ids[device]
+        elif device < len(visible):
+            gpu = visible[device]
+        else:  # GPUs found by TensorFlow with no list given: its numbering is the node's
+            gpu = str(device)
+    return Placement(ranks.host, ranks.rank, ranks.local_rank, given, slurm, device, gpu)
+
+
+def placement_conflicts(placements: list[Placement]) -> list[str]:
+    """Each GPU driven by more than one rank of a node: "ranks 0 and 1 on n3 both pin GPU 0"."""
+    by_gpu: dict[tuple[str, str], list[int]] = {}
+    for placement in placements:
+        if placement.gpu is not None:
+            by_gpu.setdefault((placement.host, placement.gpu), []).append(placement.rank)
+    return [f"ranks {', '.join(map(str, ranks[:-1]))} and {ranks[-1]} on {host} both pin "
+            f"GPU {gpu}" for (host, gpu), ranks in by_gpu.items() if len(ranks) > 1]
+
+
+def place_ranks(ranks: Ranks) -> tuple[list[Placement], str | None]:
+    """Collective: pin this rank's GPU (if TensorFlow sees one), then every rank's placement in
+    rank order, and the TensorFlow device pinned (None without a GPU). Two ranks of a node on
+    one GPU is a UserError on every rank, before any training. The pin comes first: TensorFlow
+    refuses to change visible devices once an op (the gather's) has run."""
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return None
-    gpu = gpus[local_rank % len(gpus)]
-    tf.config.experimental.set_memory_growth(gpu, True)
-    tf.config.set_visible_devices(gpu, "GPU")
-    return gpu.name
+    mine = gpu_placement(ranks, os.environ, len(gpus))
+    device = None
+    if mine.device is not None and gpus:
+        gpu = gpus[mine.device]
+        tf.config.experimental.set_memory_growth(gpu, True)
+        tf.config.set_visible_devices(gpu, "GPU")
+        device = gpu.name
+    placements = allgather_object(mine, "parallel.placement")
+    conflicts = placement_conflicts(placements)
+    if conflicts:
+        raise UserError(f"GPU placement: {'; '.join(conflicts)} (one rank per GPU: ask Slurm "
+                        "for as many GPUs per node as ranks per node)")
+    return placements, device
 
 
 def scaled_learning_rate(base: float, size: int, rule: str) -> float:

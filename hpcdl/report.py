@@ -52,6 +52,7 @@ class TrialRow:
     test_accuracy: float | None
     seed: int
     curves: dict[str, list[float]] = field(default_factory=dict)
+    placement: str = ""  # where its ranks ran (store.placement_text), "" if not recorded
 
     @property
     def rank_seconds(self) -> float:
@@ -94,6 +95,8 @@ def trial_row(config: Config, trial: FrozenTrial) -> TrialRow:
         test_accuracy=run.test.get("accuracy") if run else None,
         seed=study.seed_of(config, trial),
         curves=run.epochs if run else {},
+        placement=store.placement_text(run.attrs["placement"])
+        if run and "placement" in run.attrs else "",
     )
 
 

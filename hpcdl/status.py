@@ -17,7 +17,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from hpcdl import liveness, study
+from hpcdl import liveness, store, study
 from hpcdl.config import Config
 
 
@@ -39,9 +39,16 @@ def snapshot(config: Config) -> dict[str, Any]:
         "name": config.name, "counts": dict(counts), "running": running,
         "retried": len(replaced), "finished": spent.finished, "n_trials": search["n_trials"],
         "left": max(0, search["n_trials"] - spent.claimed),
-        "best": {"number": best.number, "value": best.values[0], "params": best.params}
+        "best": {"number": best.number, "value": best.values[0], "params": best.params,
+                 "placement": _placement(config, best.number)}
         if best else None, "metric": search["metric"],
     }
+
+
+def _placement(config: Config, number: int) -> list[dict[str, Any]] | None:
+    """Where each rank of a trial ran (its run file's `placement`); None if not recorded."""
+    path = config.trial_file(number)
+    return store.read_run(path).attrs.get("placement") if path.exists() else None
 
 
 def render(snap: dict[str, Any]) -> Group:
@@ -73,6 +80,8 @@ def render(snap: dict[str, Any]) -> Group:
         best_table.add_column("value")
         for key, value in best["params"].items():
             best_table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        if best["placement"]:
+            best_table.add_row("placement (rank host:GPU)", store.placement_text(best["placement"]))
         parts.append(best_table)
     return Group(*parts)
 

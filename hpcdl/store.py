@@ -2,7 +2,9 @@
 
 Run file (one training run or one trial), readable with h5dump:
   attributes: format=hpcdl-run, study, trial_number, state, stop_reason, params (JSON), seed,
-              ranks, hosts (JSON), versions (JSON), wall_seconds, n_params, dataset, config (JSON)
+              ranks, hosts (JSON), versions (JSON), wall_seconds, n_params, dataset, config (JSON),
+              placement (JSON: per rank in rank order, parallel.Placement: host, rank,
+              local_rank, cuda_visible_devices, slurm_gpus, device, gpu)
   /epochs/<metric>: one value per finished epoch (loss, accuracy, val_loss, val_accuracy,
               epoch_seconds, samples_per_second, learning_rate, elapsed_seconds: wall
               seconds since the run began at the end of the epoch, validation included)
@@ -27,7 +29,7 @@ import numpy as np
 
 RUN_FORMAT = "hpcdl-run"
 JSON_ATTRS = ("params", "hosts", "versions", "config", "train_shards", "weights_sha256",
-              "peak_rss_mb")
+              "peak_rss_mb", "placement")
 
 
 @contextmanager
@@ -90,6 +92,13 @@ def read_run(path: Path) -> RunRecord:
         epochs = {k: handle["epochs"][k][()].tolist() for k in handle["epochs"]}
         test = {k: float(handle["test"][k][()]) for k in handle["test"]}
     return RunRecord(attrs, epochs, test)
+
+
+def placement_text(placement: list[dict[str, Any]]) -> str:
+    """A run file's `placement` on one line: each rank's host and GPU (or cpu), e.g.
+    "0 n3:GPU 0, 1 n3:GPU 1" (what `hpcdl status` and the report show)."""
+    return ", ".join(f"{p['rank']} {p['host']}:" + (f"GPU {p['gpu']}" if p["gpu"] is not None
+                                                    else "cpu") for p in placement)
 
 
 # ---------------------------------------------------------------- checkpoints of a run file

@@ -324,7 +324,7 @@ def build_run(config: Config, out: Path, ranks: parallel.Ranks, clock: Clock,
     from tensorflow import keras
 
     params = config.params
-    gpu = parallel.pin_gpu(ranks.local_rank)
+    placements, gpu = parallel.place_ranks(ranks)
     info = data.dataset_info(config.dataset_file)
     models.check_architecture(params, info.sample_shape)
     _check_can_start(config, out, ranks, info)
@@ -345,7 +345,8 @@ def build_run(config: Config, out: Path, ranks: parallel.Ranks, clock: Clock,
         log.info("resuming %s after epoch %d", out, start_epoch)
     run = Run(config, out, ranks, info, model, batches, (val_x, val_y), learning_rate,
               fit_on_val, clock, start_epoch, history)
-    run.attrs = _run_attrs(run, run_attrs, gpu)
+    run.attrs = {**_run_attrs(run, run_attrs, gpu),
+                 "placement": [placement.as_dict() for placement in placements]}
     if ranks.is_root:
         log.info(
             "%s: %s, %d params, %d ranks x %d = global batch %d, %d steps/epoch, lr %.3g",

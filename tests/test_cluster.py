@@ -30,6 +30,7 @@ CLUSTER = REPO / "tests" / "cluster"
 MULTINODE_MPI = {"OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": "lo",
                  "OMPI_MCA_oob_tcp_if_include": "lo"}
 SLURMCTLD_PORT = 6817  # slurm-up.sh's SlurmctldPort
+SLURM_BASE = Path(os.environ.get("HPCDL_SLURM_DIR", "/tmp/hpcdl-slurm"))  # slurm-up.sh's BASE
 CLUSTER_UP_S = 600  # slurm-up.sh may install Slurm first
 SWEEP_S = 1500  # one whole sweep on the loaded test machine
 # pytest-timeout's global 900 s is for ordinary tests; a sweep test may also start the cluster
@@ -87,6 +88,33 @@ def test_dry_run_with_the_cluster_down(tmp_path: Path) -> None:
         assert line in result.stdout
 
 
+def dry_run_resources(output: str) -> dict[str, dict[str, str]]:
+    """Each rule's `resources:` line of a dry run (the last job of a rule wins)."""
+    found: dict[str, dict[str, str]] = {}
+    for block in output.split("rule ")[1:]:
+        rule = block.split(":", 1)[0]
+        line = next((ln for ln in block.splitlines() if ln.strip().startswith("resources:")), "")
+        found[rule] = dict(item.split("=", 1) for item in
+                           line.split("resources:", 1)[-1].split(", ") if "=" in item)
+    return found
+
+
+def test_dry_run_shows_each_jobs_gpu_request(tmp_path: Path) -> None:
+    """GPUs asked per node, each MPI job for its own node count (scaling: fewer nodes, so
+    fewer GPUs); jobs that train nothing ask for none. The user sees it before submitting."""
+    layer = layer_file(tmp_path, resources={"ranks_per_node": 2, "gpus_per_node": 2,
+                                            "partition": "gpu"})
+    result = snakemake("-n", *slurm_profile(layer))
+    assert result.returncode == 0, result.stdout[-3000:]
+    resources = dry_run_resources(result.stdout)
+    for rule, nodes, tasks in (("worker", "2", "4"), ("final", "2", "4"), ("scaling", "1", "2")):
+        asked = resources[rule]
+        assert (asked["nodes"], asked["tasks"], asked["gres"]) == (nodes, tasks, "gpu:2"), rule
+        assert "gpu" not in asked and asked["tasks_per_gpu"] == "0", rule  # no --gpus, per job
+    for rule in ("prepare", "aggregate", "report"):
+        assert not {"gres", "gpu", "gpus"} & set(resources[rule]), rule
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
     up = subprocess.run(["bash", str(CLUSTER / "slurm-up.sh")], capture_output=True, text=True,
@@ -95,6 +123,10 @@ def cluster() -> Iterator[None]:
     yield
     subprocess.run(["bash", str(CLUSTER / "slurm-down.sh")], capture_output=True, timeout=120,
                    check=False)
+    # a stale gres.conf breaks the next slurmd whose slurm.conf has no GresTypes
+    leftovers = [path for path in (Path("/etc/slurm/gres.conf"), SLURM_BASE / "dev")
+                 if path.exists()]
+    assert leftovers == [], "slurm-down.sh left these behind"
 
 
 @pytest.fixture
@@ -180,11 +212,11 @@ def test_snakemake_sweep_on_slurm_survives_a_cancelled_worker(idle_cluster: None
     check_rerun_from_checkpoint(cfg, victim, ("interrupted", "worker lost"), logs)
 
 
-def job_records(job: str) -> dict[str, dict[str, str]]:
-    """`scontrol show job` for a job (an array: each of its tasks), by <id> or <array>_<task>;
-    empty once Slurm has forgotten it (MinJobAge)."""
-    shown = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True,
-                           text=True, check=False, timeout=60)
+def job_records(job: str | None = None) -> dict[str, dict[str, str]]:
+    """`scontrol show job` for a job (an array: each of its tasks), or every job Slurm still
+    knows, by <id> or <array>_<task>; empty once Slurm has forgotten it (MinJobAge)."""
+    shown = subprocess.run(["scontrol", "-o", "show", "job", *([job] if job else [])],
+                           capture_output=True, text=True, check=False, timeout=60)
     records = {}
     for line in shown.stdout.splitlines() if shown.returncode == 0 else []:
         fields = dict(re.findall(r"(\S+?)=(\S*)", line))
@@ -255,6 +287,92 @@ def test_hpcdl_submit_prepares_requeues_and_reports(idle_cluster: None, tmp_path
          *(f"slurm-workers-{task}.out" for task in tasks)])
     logs = "".join(p.read_text() for p in cfg.paths.logs_dir.glob("slurm-workers-*.out"))
     check_rerun_from_checkpoint(cfg, victim, ("interrupted",), logs)
+
+
+# ---------------------------------------------------------------- GPU nodes (emulated GRES)
+
+# the GPU partition of slurm-up.sh: n3, n4, 2 emulated GPUs each; one rank per GPU
+GPU_RESOURCES = {"partition": "gpu", "nodes": 2, "ranks_per_node": 2, "gpus_per_node": 2,
+                 "workers": 1}
+GPU_HOSTS = {"n3", "n4"}
+
+
+def check_one_rank_per_gpu(run_file: Path) -> None:
+    """Slurm gave every rank GPUs and the ranks pinned 4 distinct (host, GPU) pairs."""
+    placement = store.read_run(run_file).attrs["placement"]
+    assert [p["rank"] for p in placement] == [0, 1, 2, 3], placement
+    assert all(p["slurm_gpus"] and p["cuda_visible_devices"] for p in placement), placement
+    assert {(p["host"], p["gpu"]) for p in placement} == {
+        (host, gpu) for host in GPU_HOSTS for gpu in ("0", "1")}, placement
+
+
+def gpu_requests(rule_jobs: dict[str, dict[str, str]]) -> dict[str, tuple[str, str, str]]:
+    """(nodes, tasks, GPUs per node) as Slurm recorded each job's request."""
+    return {name: (job["NumNodes"], job["NumTasks"], job.get("TresPerNode", ""))
+            for name, job in rule_jobs.items()}
+
+
+@pytest.mark.timeout(SWEEP_TEST_TIMEOUT)
+def test_snakemake_gpu_sweep_one_rank_per_gpu(idle_cluster: None, results: Path) -> None:
+    """The smoke sweep on the GPU nodes, 2 nodes x 2 ranks x 2 GPUs, through the Snakemake
+    profile: every job that trains asks GPUs per node for its own nodes (the scaling job on
+    one node was refused when it asked for the workers' 4), every rank drives its own GPU."""
+    layer = layer_file(results, resources={**GPU_RESOURCES, "scaling_epochs": 2},
+                       search={"n_trials": 2}, train={"epochs": 2})
+    cfg = config.load(REPO / "configs" / "smoke.yaml", [f"results_dir={results}"])
+    run = snakemake(*slurm_profile(layer), timeout=SWEEP_S)
+    assert run.returncode == 0, run.stdout[-4000:]
+    for name in ("report.html", "best/model.keras", "scaling.h5"):
+        assert (cfg.sweep_dir / name).exists(), name
+    assert len(finished(cfg)) == 2
+    for trial in finished(cfg):
+        check_one_rank_per_gpu(cfg.trial_file(trial.number))
+    check_one_rank_per_gpu(cfg.paths.best_run)
+    assert store.read_scaling(cfg.paths.scaling_h5)["ranks"].tolist() == [1, 2]
+    best = store.read_run(cfg.trial_file(study.best_trial(cfg).number))
+    assert (f"Where its ranks ran (rank host:GPU): {store.placement_text(best.attrs['placement'])}"
+            in cfg.paths.report_html.read_text())
+    jobs = {fields.get("Comment", "").split("_wildcards")[0].removeprefix("rule_"): fields
+            for fields in job_records().values() if fields.get("Partition") == "gpu"}
+    assert gpu_requests({rule: jobs[rule] for rule in ("worker", "final", "scaling")}) == {
+        "worker": ("2", "4", "gres:gpu:2"), "final": ("2", "4", "gres:gpu:2"),
+        "scaling": ("1", "2", "gres:gpu:2")}
+    for rule in ("prepare", "aggregate", "report"):
+        assert "gpu" not in jobs.get(rule, {}).get("TresPerNode", ""), rule
+
+
+@pytest.mark.timeout(SWEEP_TEST_TIMEOUT)
+def test_hpcdl_submit_gpu_sweep_one_rank_per_gpu(idle_cluster: None, results: Path) -> None:
+    sweep = results / "gpusub.yaml"
+    document = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    document.update(name="gpusub", results_dir=str(results), resources=GPU_RESOURCES)
+    document["search"].update(n_trials=2)
+    document["train"].update(intra_op_threads=1, epochs=2)
+    sweep.write_text(yaml.safe_dump(document))
+    cfg = config.load(sweep)
+    result = run_hpcdl("submit", "--config", str(sweep), **MULTINODE_MPI)
+    assert result.returncode == 0, result.stderr
+    ids = dict(line.split(": ") for line in result.stdout.splitlines())
+    assert list(ids) == ["workers", "report"]  # the dataset file is there
+    seen: dict[str, dict[str, str]] = {}
+    deadline = time.monotonic() + SWEEP_S
+    while queue():
+        assert time.monotonic() < deadline, seen
+        for job in ids.values():
+            seen.update(job_records(job))
+        time.sleep(1)
+    for job in ids.values():
+        seen.update(job_records(job))
+    assert gpu_requests({"workers": seen[f"{ids['workers']}_0"], "report": seen[ids["report"]]}
+                        ) == {"workers": ("2", "4", "gres:gpu:2"),
+                              "report": ("2", "4", "gres:gpu:2")}
+    assert {seen[job]["JobState"] for job in (f"{ids['workers']}_0", ids["report"])} == {
+        "COMPLETED"}, list(cfg.paths.logs_dir.glob("*"))
+    assert cfg.paths.report_html.is_file()
+    assert len(finished(cfg)) == 2
+    for trial in finished(cfg):
+        check_one_rank_per_gpu(cfg.trial_file(trial.number))
+    check_one_rank_per_gpu(cfg.paths.best_run)
 
 
 def test_unknown_partition_reaches_the_user(idle_cluster: None, results: Path) -> None:

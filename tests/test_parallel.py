@@ -56,6 +56,54 @@ def test_detect_launch_batch_script_is_one_rank() -> None:
     assert (launch.launcher, launch.size) == ("single", 1)
 
 
+def rank_on(host: str, rank: int, local_rank: int) -> parallel.Ranks:
+    return parallel.Ranks(rank, 4, local_rank, 2, "srun", "7", host)
+
+
+@pytest.mark.parametrize(
+    ("env", "detected", "device", "gpu"),
+    [
+        # --gpus-per-node=2 (or --gres=gpu:2): the rank sees both GPUs of its node
+        ({"CUDA_VISIBLE_DEVICES": "0,1", "SLURM_STEP_GPUS": "0,1"}, 0, 1, "1"),
+        # --gpus-per-task=1: Slurm shows local rank 1 its one GPU, the node's GPU 1
+        ({"CUDA_VISIBLE_DEVICES": "1", "SLURM_STEP_GPUS": "1"}, 0, 0, "1"),
+        # devices constrained by cgroup: renumbered from 0 for CUDA, not in Slurm's list
+        ({"CUDA_VISIBLE_DEVICES": "0", "SLURM_STEP_GPUS": "3"}, 1, 0, "3"),
+        # only Slurm's list (batch script, no step): the job's GPUs of this node
+        ({"SLURM_JOB_GPUS": "2,3"}, 0, 1, "3"),
+        # GPUs TensorFlow found with no list given (a workstation): its numbering is the node's
+        ({}, 4, 1, "1"),
+        # no GPU at all
+        ({}, 0, None, None),
+        ({"CUDA_VISIBLE_DEVICES": ""}, 0, None, None),
+    ],
+)
+def test_gpu_placement_pins_by_local_rank(env: dict[str, str], detected: int,
+                                          device: int | None, gpu: str | None) -> None:
+    placement = parallel.gpu_placement(rank_on("n3", 3, 1), env, detected)
+    assert (placement.device, placement.gpu) == (device, gpu)
+    assert (placement.host, placement.rank, placement.local_rank) == ("n3", 3, 1)
+    assert placement.cuda_visible_devices == env.get("CUDA_VISIBLE_DEVICES")
+    assert placement.slurm_gpus == (env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS"))
+
+
+def test_placement_conflicts_name_the_ranks_host_and_gpu() -> None:
+    all_visible = {"CUDA_VISIBLE_DEVICES": "0,1"}
+    one_visible = {"CUDA_VISIBLE_DEVICES": "0"}
+    distinct = [parallel.gpu_placement(rank_on(host, 2 * n + local, local), all_visible)
+                for n, host in enumerate(("n3", "n4")) for local in (0, 1)]
+    assert [(p.host, p.gpu) for p in distinct] == [("n3", "0"), ("n3", "1"), ("n4", "0"),
+                                                   ("n4", "1")]
+    assert parallel.placement_conflicts(distinct) == []
+    # one GPU given to both ranks of n3: local rank 1 wraps round to it too
+    shared = [parallel.gpu_placement(rank_on("n3", r, r), one_visible) for r in (0, 1)]
+    assert parallel.placement_conflicts(distinct[2:] + shared) == [
+        "ranks 0 and 1 on n3 both pin GPU 0"]
+    # CPU-only ranks pin nothing: no conflict
+    assert parallel.placement_conflicts(
+        [parallel.gpu_placement(rank_on("n1", r, r), {}) for r in (0, 1)]) == []
+
+
 @pytest.mark.parametrize(("rule", "expected"), [("linear", 0.4), ("sqrt", 0.2), ("none", 0.1)])
 def test_scaled_learning_rate(rule: str, expected: float) -> None:
     assert parallel.scaled_learning_rate(0.1, 4, rule) == pytest.approx(expected)

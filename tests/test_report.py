@@ -68,6 +68,9 @@ def test_report_names_the_best_trial_and_embeds_figures(sweep: Path) -> None:
     best_number, best_params = best.number, best.params
     assert f"trial #{best_number}" in html
     assert f"--set width={best_params['width']}" in html  # the reproduce command
+    # one CPU-only rank (no GPU given): where it ran, as its run file records it
+    placement = store.read_run(cfg.trial_file(best_number)).attrs["placement"]
+    assert f"Where its ranks ran (rank host:GPU): 0 {placement[0]['host']}:cpu</p>" in html
     assert html.count("data:image/png;base64,") >= 4
     for figure in ("history", "importances", "slice", "parallel", "curves", "intermediate"):
         assert (cfg.sweep_dir / "figures" / f"{figure}.png").is_file(), figure
@@ -143,17 +146,24 @@ def test_status_counts_each_state(tmp_path: Path) -> None:
     states = [TrialState.COMPLETE] * 3 + [TrialState.PRUNED] * 2 + [TrialState.FAIL] + [
         TrialState.RUNNING]
     cfg_path = made_up_study(tmp_path, states)
+    # the best trial's run file, as a 2-node GPU worker writes it
+    placement = [{"host": host, "rank": 2 * n + local, "local_rank": local,
+                  "cuda_visible_devices": "0,1", "slurm_gpus": "0,1", "device": local,
+                  "gpu": str(local)} for n, host in enumerate(("n3", "n4")) for local in (0, 1)]
+    store.write_run(config.load(cfg_path).trial_file(2),
+                    store.RunRecord({"trial_number": 2, "placement": placement}))
     result = run_hpcdl("status", "--config", str(cfg_path), "--json")
     assert result.returncode == 0, result.stderr
     snap = json.loads(result.stdout)
     assert snap["counts"] == {"COMPLETE": 3, "PRUNED": 2, "FAIL": 1, "RUNNING": 1}
     assert snap["finished"] == 5 and snap["left"] == 4
-    assert snap["best"]["number"] == 2
+    assert snap["best"]["number"] == 2 and snap["best"]["placement"] == placement
     [running] = snap["running"]
     assert (running["number"], running["worker"], running["host"], running["job"],
             running["epoch"]) == (6, 7, "node-042", "4242_1", 2)
     table = run_hpcdl("status", "--config", str(cfg_path), COLUMNS="140")
     assert "5 of 10 trials finished" in table.stdout and "best so far: trial 2" in table.stdout
+    assert "0 n3:GPU 0, 1 n3:GPU 1, 2 n4:GPU 0, 3 n4:GPU 1" in table.stdout
     row = next(line for line in table.stdout.splitlines() if "node-042" in line)
     assert [cell.strip() for cell in row.split("│")[1:6]] == ["6", "7", "node-042", "4242_1", "2"]
 

@@ -6,6 +6,7 @@ import itertools
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -66,6 +67,36 @@ def test_two_ranks_average_gradients(results: Path) -> None:
     noise = ("absl::InitializeLog()", "Unable to register cu", "Sharding callback duration")
     assert not [ln for ln in result.stderr.splitlines() if any(n in ln for n in noise)], \
         result.stderr[-3000:]
+
+
+# Slurm's --gpus-per-task=1 without cgroups, on this machine: each rank is shown its own GPU
+ONE_GPU_PER_RANK = ["sh", "-c", 'CUDA_VISIBLE_DEVICES=$OMPI_COMM_WORLD_LOCAL_RANK exec "$@"', "sh"]
+
+
+@pytest.mark.mpi
+def test_each_rank_records_its_gpu_placement(results: Path) -> None:
+    out = results / "placed.h5"
+    result = run_mpi(2, *ONE_GPU_PER_RANK, "hpcdl", *train_args(results, out, "epochs=1"),
+                     SLURM_STEP_GPUS="0,1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    host = store.read_run(out).attrs["hosts"][0]
+    # no real GPU here: each rank records the device it would pin, the one it was given
+    assert store.read_run(out).attrs["placement"] == [
+        {"host": host, "rank": rank, "local_rank": rank, "cuda_visible_devices": str(rank),
+         "slurm_gpus": "0,1", "device": 0, "gpu": str(rank)} for rank in (0, 1)]
+
+
+@pytest.mark.mpi
+def test_two_ranks_on_one_gpu_are_refused_before_training(results: Path) -> None:
+    out = results / "shared.h5"
+    result = run_mpi(2, "-x", "CUDA_VISIBLE_DEVICES=0", "hpcdl",
+                     *train_args(results, out, "epochs=1"))
+    assert result.returncode != 0
+    host = socket.gethostname()
+    assert (f"GPU placement: ranks 0 and 1 on {host} both pin GPU 0 (one rank per GPU: ask "
+            "Slurm for as many GPUs per node as ranks per node)") in result.stderr
+    assert "Traceback" not in result.stderr and "epoch 1/" not in result.stderr
+    assert not out.exists()
 
 
 def test_one_rank(results: Path) -> None:
