@@ -239,7 +239,10 @@ def test_hpcdl_submit_prepares_requeues_and_reports(idle_cluster: None, tmp_path
     document = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
     document.update(name="submitted", results_dir=str(tmp_path))
     document["search"].update(n_trials=3, pruner="none")
-    document["train"].update(intra_op_threads=1, batch_size=8)  # slow epochs, see above
+    # slow epochs (batch 2: ~2 s each on an idle 2-core machine, 6 of them), so that the signal,
+    # sent once a trial has its first checkpoint, lands with epochs still to run: at batch 8 a
+    # whole trial took 2-5 s and the signal could arrive after it had ended
+    document["train"].update(intra_op_threads=1, batch_size=2, epochs=6)
     document["resources"] = {"workers": 2, "nodes": 1, "ranks_per_node": 2}
     sweep.write_text(yaml.safe_dump(document))
     cfg = config.load(sweep)
