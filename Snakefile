@@ -29,11 +29,16 @@ def config_layers() -> list[tuple[str, dict]]:
 
 
 APPTAINER = "APPTAINER" in str(workflow.deployment_settings.deployment_method).upper()
-# hpcdl's own checks first (schema, search space, metrics, ranks vs GPUs, container): bad input
-# is one line naming the file that sets the key, the value and what was expected, exit 2, and
-# no job is submitted.
+# Where Slurm answers, ask it whether the partition has the GPUs per node the config asks for
+# (the executor is not known while the Snakefile is read, so: wherever sinfo works, except
+# inside a Slurm job, whose allocation is already made — the jobs Snakemake submits included).
+ASK_SLURM = workflow.is_main_process and "SLURM_JOB_ID" not in os.environ
+# hpcdl's own checks first (schema, search space, metrics, ranks vs GPUs, container, GPUs the
+# partition has): bad input is one line naming the file that sets the key, the value and what
+# was expected, exit 2, and no job is submitted.
 try:
-    SWEEP_CONFIG = hpcdl.config.from_layers(config, config_layers(), apptainer=APPTAINER)
+    SWEEP_CONFIG = hpcdl.config.from_layers(config, config_layers(), apptainer=APPTAINER,
+                                            slurm=ASK_SLURM)
 except ConfigError as exc:
     print(exc, file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)

@@ -105,6 +105,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from hpcdl import config, submit
 
     cfg = config.load(args.config, args.set)
+    cfg.check_site(apptainer=args.apptainer, slurm=True)
     container = cfg.section("resources")["container"] if args.apptainer else None
     if args.dry_run:
         print(submit.preview(cfg, container))

@@ -18,7 +18,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from hpcdl import sources
+from hpcdl import sinfo, sources
 from hpcdl.errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "configs" / "schema.yaml"
@@ -252,11 +252,15 @@ class Config:
             doc[sections[key]][key] = value
         return Config(doc, self.origin)
 
-    def check_container(self, apptainer: bool) -> None:
-        """With Apptainer requested, the image must exist before any job is submitted."""
-        image = self._doc["resources"]["container"]
-        if apptainer and image:
-            require_container(image, self.origin)
+    def check_site(self, apptainer: bool, slurm: bool) -> None:
+        """What must hold where the jobs go, before any is submitted: with Apptainer, the image
+        exists; with `slurm` (ask Slurm, where sinfo answers), a node of the partition has the
+        GPUs asked per node."""
+        resources = self._doc["resources"]
+        if apptainer and resources["container"]:
+            require_container(resources["container"], self.origin)
+        if slurm:
+            sinfo.check_gpus_per_node(resources, self.origin)
 
     @property
     def storage_url(self) -> str:
@@ -301,11 +305,11 @@ def layer_of(key: str, layers: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
 
 
 def from_layers(document: dict[str, Any], layers: Sequence[tuple[str, Mapping[str, Any]]],
-                apptainer: bool) -> Config:
+                apptainer: bool, slurm: bool) -> Config:
     """Snakemake's merged config, checked; an error names the layer that set the bad key.
     `layers`: (name, document) lowest precedence first (the --configfile files, --config)."""
     try:
-        Config(document, origin="").check_container(apptainer=apptainer)
+        Config(document, origin="").check_site(apptainer=apptainer, slurm=slurm)
     except ConfigError as exc:
         problem = str(exc).removeprefix(": ")  # "<key>: <what is wrong>"
         raise ConfigError(f"{layer_of(problem.split(': ', 1)[0], layers)}: {problem}") from None

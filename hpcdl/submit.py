@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from hpcdl import store
-from hpcdl.config import Config, require_container
+from hpcdl.config import Config
 from hpcdl.errors import EXIT_INTERRUPTED, UserError
 
 log = logging.getLogger("hpcdl.submit")
@@ -173,9 +173,8 @@ def sbatch(argv: list[str]) -> str:
 
 
 def submit(config: Config, container: str | None = None) -> dict[str, str]:
-    """Write and submit prepare (if needed), the worker array and the dependent report job."""
-    if container is not None:
-        require_container(container, config.origin)
+    """Write and submit prepare (if needed), the worker array and the dependent report job.
+    The caller has checked the site (Config.check_site)."""
     write(config, container)
     ids: dict[str, str] = {}
     for step in chain(config, need_prepare=not config.dataset_file.exists()):

@@ -174,14 +174,10 @@ def check_rerun_from_checkpoint(cfg: config.Config, lost: FrozenTrial, reasons: 
     assert f"trial {rerun.number} re-runs trial {lost.number} from its checkpoint" in logs
 
 
-@pytest.mark.timeout(SWEEP_TEST_TIMEOUT)
-def test_snakemake_sweep_on_slurm_survives_a_cancelled_worker(idle_cluster: None,
-                                                               results: Path) -> None:
-    """2 workers of 2 ranks (one per node) via srun --mpi=pmix; one worker job is cancelled
-    mid-trial, as a preemption or a lost node would, and Snakemake's retry finishes it."""
-    # slow epochs (batch 8), no pruning: the cancel lands inside a trial, after a checkpoint
-    layer = layer_file(results, train={"batch_size": 8}, search={"pruner": "none"})
-    cfg = config.load(REPO / "configs" / "smoke.yaml", [f"results_dir={results}"])
+def sweep_cancelling_one_worker(cfg: config.Config, layer: Path) -> tuple[str, FrozenTrial]:
+    """Snakemake with profiles/slurm on `layer`; once a trial has an epoch checkpoint, its
+    worker's Slurm job is cancelled, as a preemption or a lost node would. Snakemake's output
+    (it succeeded, having retried that job) and the trial that was running."""
     run = subprocess.Popen(["snakemake", *slurm_profile(layer)], cwd=REPO, text=True,
                            env=hpcdl_env(**MULTINODE_MPI), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT)
@@ -198,7 +194,21 @@ def test_snakemake_sweep_on_slurm_survives_a_cancelled_worker(idle_cluster: None
         run.kill()  # if it is still running; its jobs go with idle_cluster
     assert run.returncode == 0, output[-4000:]
     assert "Trying to restart job" in output, output[-3000:]
+    # scancel: SIGTERM to every rank (they mark the trial interrupted), or a worker lost
+    logs = "".join(p.read_text() for p in cfg.paths.logs_dir.glob("worker-*.log"))
+    check_rerun_from_checkpoint(cfg, victim, ("interrupted", "worker lost"), logs)
+    return output, victim
 
+
+@pytest.mark.timeout(SWEEP_TEST_TIMEOUT)
+def test_snakemake_sweep_on_slurm_survives_a_cancelled_worker(idle_cluster: None,
+                                                               results: Path) -> None:
+    """2 workers of 2 ranks (one per node) via srun --mpi=pmix on the CPU-only partition; one
+    worker job is cancelled mid-trial and Snakemake's retry finishes it."""
+    # slow epochs (batch 8), no pruning: the cancel lands inside a trial, after a checkpoint
+    layer = layer_file(results, train={"batch_size": 8}, search={"pruner": "none"})
+    cfg = config.load(REPO / "configs" / "smoke.yaml", [f"results_dir={results}"])
+    sweep_cancelling_one_worker(cfg, layer)
     for name in ("report.html", "summary.h5", "summary.csv", "best/model.keras", "best/run.h5",
                  "scaling.h5", "workers/0.done", "workers/1.done", "config.yaml",
                  "benchmarks/worker-0.tsv", "logs/worker-1.log"):
@@ -207,9 +217,6 @@ def test_snakemake_sweep_on_slurm_survives_a_cancelled_worker(idle_cluster: None
     for trial in finished(cfg):  # each worker's 2 ranks ran on the 2 nodes
         assert sorted(store.read_run(cfg.trial_file(trial.number)).attrs["hosts"]) == [
             "n1", "n2"]
-    # scancel: SIGTERM to every rank (they mark the trial interrupted), or a worker lost
-    logs = "".join(p.read_text() for p in cfg.paths.logs_dir.glob("worker-*.log"))
-    check_rerun_from_checkpoint(cfg, victim, ("interrupted", "worker lost"), logs)
 
 
 def job_records(job: str | None = None) -> dict[str, dict[str, str]]:
@@ -319,12 +326,14 @@ def gpu_requests(rule_jobs: dict[str, dict[str, str]]) -> dict[str, tuple[str, s
 def test_snakemake_gpu_sweep_one_rank_per_gpu(idle_cluster: None, results: Path) -> None:
     """The smoke sweep on the GPU nodes, 2 nodes x 2 ranks x 2 GPUs, through the Snakemake
     profile: every job that trains asks GPUs per node for its own nodes (the scaling job on
-    one node was refused when it asked for the workers' 4), every rank drives its own GPU."""
+    one node was refused when it asked for the workers' 4), every rank drives its own GPU, and
+    the worker job cancelled mid-trial is retried on GPUs and resumes the trial."""
+    # slow epochs (batch 8), no pruning: the cancel lands inside a trial, after a checkpoint
     layer = layer_file(results, resources={**GPU_RESOURCES, "scaling_epochs": 2},
-                       search={"n_trials": 2}, train={"epochs": 2})
+                       search={"n_trials": 2, "pruner": "none"},
+                       train={"epochs": 3, "batch_size": 8})
     cfg = config.load(REPO / "configs" / "smoke.yaml", [f"results_dir={results}"])
-    run = snakemake(*slurm_profile(layer), timeout=SWEEP_S)
-    assert run.returncode == 0, run.stdout[-4000:]
+    sweep_cancelling_one_worker(cfg, layer)
     for name in ("report.html", "best/model.keras", "scaling.h5"):
         assert (cfg.sweep_dir / name).exists(), name
     assert len(finished(cfg)) == 2
@@ -476,3 +485,29 @@ def test_missing_container_with_apptainer(idle_cluster: None, tmp_path: Path) ->
                            str(layer)),
                    f"{layer}: resources.container: {image} does not exist (build it with: "
                    "apptainer build hpcdl.sif containers/hpcdl.def)")
+
+
+@pytest.mark.parametrize(("resources", "partition_has"), [
+    ({"partition": "gpu", "gpus_per_node": 4, "ranks_per_node": 1},
+     "partition 'gpu' have at most 2 per node"),
+    ({"gpus_per_node": 1, "ranks_per_node": 1}, "the default partition have no GPUs"),
+])
+def test_more_gpus_per_node_than_the_partition_has(idle_cluster: None, tmp_path: Path,
+                                                   resources: dict, partition_has: str) -> None:
+    """Slurm would leave such a job pending for ever (or refuse it after the first jobs ran):
+    sinfo is asked first, and the one line says what the partition has."""
+    layer = layer_file(tmp_path, resources=resources)
+    asked = resources["gpus_per_node"]
+    check_one_line(refused(*slurm_profile(layer)),
+                   f"{layer}: resources.gpus_per_node: {asked} GPUs per node asked, but the "
+                   f"nodes of {partition_has} (sinfo)")
+    sweep = tmp_path / "sweep.yaml"  # the same line from `hpcdl submit` and its dry run
+    document = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    document.update(results_dir=str(tmp_path), resources=resources)
+    sweep.write_text(yaml.safe_dump(document))
+    for dry_run in ([], ["--dry-run"]):
+        result = run_hpcdl("submit", "--config", str(sweep), *dry_run)
+        assert (result.returncode, result.stderr.splitlines()) == (2, [
+            f"hpcdl submit: error: {sweep}: resources.gpus_per_node: {asked} GPUs per node "
+            f"asked, but the nodes of {partition_has} (sinfo)"])
+    assert queue() == [] and not (tmp_path / "smoke").exists()

@@ -130,7 +130,7 @@ def test_demo_config_loads_and_validates() -> None:
     path = REPO / "configs" / "demo.yaml"
     document = yaml.safe_load(path.read_text())
     validate(document, str(config.SCHEMA_PATH))
-    config.Config(document, origin=str(path)).check_container(apptainer=False)
+    config.Config(document, origin=str(path)).check_site(apptainer=False, slurm=False)
     cfg = config.load(path)
     search, resources = cfg.section("search"), cfg.section("resources")
     assert cfg.section("dataset")["name"] == "fashion_mnist" and cfg.params["family"] == "mlp"
@@ -148,11 +148,11 @@ def test_an_error_names_the_layer_that_sets_the_key() -> None:
     layers = [("smoke.yaml", smoke), ("layer.yaml", {"search": {"n_trials": 0}})]
     merged = {**smoke, "search": {**smoke["search"], "n_trials": 0}}
     with pytest.raises(ConfigError) as info:
-        config.from_layers(merged, layers, apptainer=False)
+        config.from_layers(merged, layers, apptainer=False, slurm=False)
     assert str(info.value) == "layer.yaml: search.n_trials: 0 is less than the minimum of 1"
     assert config.layer_of("search.space.width", layers) == "smoke.yaml"
     assert config.layer_of("storage", layers) == "smoke.yaml, layer.yaml"  # a default
-    cfg = config.from_layers(smoke, layers[:1], apptainer=False)
+    cfg = config.from_layers(smoke, layers[:1], apptainer=False, slurm=False)
     assert cfg.origin == "smoke.yaml"
 
 

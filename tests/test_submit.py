@@ -50,10 +50,12 @@ def test_scripts_carry_the_cluster_contract(tmp_path: Path,
 
 
 def test_missing_container_is_refused_before_sbatch(tmp_path: Path) -> None:
-    cfg = config.load(REPO / "configs" / "smoke.yaml", [f"results_dir={tmp_path}"])
-    with pytest.raises(submit.UserError, match=r"resources\.container: /nope\.sif does not exist"):
-        submit.submit(cfg, "/nope.sif")
-    assert not (tmp_path / "smoke" / "slurm").exists()
+    cfg = write_sweep_config(tmp_path, resources={"container": "/nope.sif"})
+    result = run_hpcdl("submit", "--config", str(cfg), "--apptainer", timeout=120)
+    assert (result.returncode, result.stderr.splitlines()) == (2, [
+        f"hpcdl submit: error: {cfg}: resources.container: /nope.sif does not exist (build it "
+        "with: apptainer build hpcdl.sif containers/hpcdl.def)"])
+    assert not (tmp_path / "sweep" / "slurm").exists()
 
 
 def dry_run(tmp_path: Path, *flags: str, **resources: object) -> tuple[str, Path]:
