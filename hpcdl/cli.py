@@ -69,10 +69,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from hpcdl import config, worker
+    from hpcdl import config, study, worker
 
+    # the environment reaches the workers that Snakemake or sbatch start for the user
+    continue_changed = args.continue_changed or os.environ.get(study.CONTINUE_CHANGED_ENV) == "1"
     outcome = worker.Worker(config.load(args.config, args.set), args.worker_id,
-                            continue_changed=args.continue_changed).run()
+                            continue_changed=continue_changed).run()
     return {worker.WorkerOutcome.INTERRUPTED: EXIT_INTERRUPTED,
             worker.WorkerOutcome.FAILED: EXIT_FAILED}.get(outcome, 0)
 
@@ -221,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="this worker's index (seeds its sampler; default 0)")
     worker.add_argument("--continue-changed", action="store_true",
                         help="continue the study although the config changed in a way that "
-                        "makes old and new trials incomparable (recorded in the study)")
+                        "makes old and new trials incomparable (recorded in the study); "
+                        "also HPCDL_CONTINUE_CHANGED=1 in the environment")
 
     sweep_command(sub, "final", cmd_final, "retrain the best trial's params on train+val -> "
                   "<sweep>/best/model.keras and run.h5 (under mpirun/srun)")

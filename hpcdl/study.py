@@ -44,7 +44,9 @@ CONFIG_CHANGES = "config_changes"
 # Config keys (and sections) whose change keeps trials comparable: how many trials and how
 # long, where and on what they run, where the study is kept. Any other change (dataset, model,
 # train, search space, objective, sampler, pruner, seeds) stops a rerun unless continued on
-# purpose (`hpcdl worker --continue-changed`).
+# purpose (`hpcdl worker --continue-changed`, or this variable set to 1 in the environment of
+# the workers Snakemake or sbatch start).
+CONTINUE_CHANGED_ENV = "HPCDL_CONTINUE_CHANGED"
 COMPARABLE = ("search.n_trials", "search.timeout_min", "search.count_failed",
               "search.heartbeat_s", "search.stale_after_s", "resources", "storage",
               "results_dir", "dataset.source_dir", "train.intra_op_threads")
@@ -299,7 +301,8 @@ def adopt_config(study: optuna.Study, stored: Mapping[str, Any], config: Config,
         raise ConfigError(
             f"{where} ran under another config; changed: {listed}; its trials would not "
             "compare with new ones: give the sweep a new name, or continue this study on "
-            "purpose with `hpcdl worker --continue-changed`")
+            "purpose with `hpcdl worker --continue-changed` (for the workers Snakemake or "
+            f"sbatch start: {CONTINUE_CHANGED_ENV}=1 in the environment)")
     blocked = optuna_cannot_continue(changes)
     if blocked:
         raise ConfigError(

@@ -338,7 +338,8 @@ def test_changed_config_stops_with_one_line_and_writes_nothing(tmp_path: Path) -
         f"{path}: study 'sweep' in journal ran under another config; changed: "
         "search.space.width.log (True -> False), train.batch_size (32 -> 16); its trials "
         "would not compare with new ones: give the sweep a new name, or continue this study "
-        "on purpose with `hpcdl worker --continue-changed`")
+        "on purpose with `hpcdl worker --continue-changed` (for the workers Snakemake or "
+        "sbatch start: HPCDL_CONTINUE_CHANGED=1 in the environment)")
     again = study.load_study(config.load(path))
     assert (again.user_attrs, len(again.get_trials())) == before
 

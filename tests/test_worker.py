@@ -365,7 +365,8 @@ def test_gives_up_after_n_trials_failures(results: Path) -> None:
 
 def test_a_corrected_config_is_refused_then_continued_on_purpose(results: Path) -> None:
     """The issue's rerun: a first attempt whose every trial failed; the corrected config stops
-    with one line and writes nothing; with --continue-changed it runs (old failures do not
+    with one line and writes nothing; continued on purpose (HPCDL_CONTINUE_CHANGED=1, as
+    Snakemake and sbatch pass it to the workers) it runs (old failures do not
     count) and the study records the change."""
     space = {"width": {"type": "int", "low": 16, "high": 64}}
     search = {"n_trials": 2, "sampler": "random", "pruner": "none", "space": space}
@@ -380,13 +381,15 @@ def test_a_corrected_config_is_refused_then_continued_on_purpose(results: Path) 
     line = (f"hpcdl worker: error: {cfg}: study 'sweep' in journal ran under another config; "
             "changed: train.learning_rate (1000000000.0 -> 0.05); its trials would not compare "
             "with new ones: give the sweep a new name, or continue this study on purpose with "
-            "`hpcdl worker --continue-changed`")
+            "`hpcdl worker --continue-changed` (for the workers Snakemake or sbatch start: "
+            "HPCDL_CONTINUE_CHANGED=1 in the environment)")
     assert error_lines_per_rank(refused) == {"0": [line], "1": [line]}, refused.stderr[-3000:]
     _, s = load(cfg)
     assert [t.state for t in s.get_trials()] == [TrialState.FAIL] * 2
     assert study.CONFIG_CHANGES not in s.user_attrs
-    again = run_mpi(2, "hpcdl", "worker", "--config", str(cfg), "--continue-changed",
-                    timeout=600)
+    # as Snakemake's or sbatch's workers get it: from the environment
+    again = run_mpi(2, "hpcdl", "worker", "--config", str(cfg), timeout=600,
+                    HPCDL_CONTINUE_CHANGED="1")
     assert again.returncode == 0, again.stderr[-3000:]
     trials = check_finished_sweep(cfg, 2)
     assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.COMPLETE] * 2
