@@ -293,17 +293,21 @@ class StreamBatches:
                 carry_x, carry_y = self.layout.empty(0)
                 windows = window_blocks(len(blocks), self.per_window, self.seed, self.rank, epoch)
                 for i, members in enumerate(windows):
-                    x, y = reader.read([blocks[b] for b in members])
-                    order = window_permutation(len(y), self.seed, self.rank, epoch, i)
-                    x = np.concatenate([carry_x, x[order]])
-                    y = np.concatenate([carry_y, y[order]])
+                    read_x, read_y = reader.read([blocks[b] for b in members])
+                    order = window_permutation(len(read_y), self.seed, self.rank, epoch, i)
+                    # one copy: the rows left from the last window, then this one's, shuffled
+                    x, y = self.layout.empty(len(carry_y) + len(read_y))
+                    x[:len(carry_y)], y[:len(carry_y)] = carry_x, carry_y
+                    np.take(read_x, order, axis=0, out=x[len(carry_y):])
+                    np.take(read_y, order, out=y[len(carry_y):])
+                    del read_x, read_y
                     k = min(left, len(y) // batch)
                     used = k * batch
                     if k and not put((x[:used].reshape(k, batch, *x.shape[1:]),
                                       y[:used].reshape(k, batch))):
                         return
                     left -= k
-                    carry_x, carry_y = x[used:], y[used:]
+                    carry_x, carry_y = x[used:].copy(), y[used:].copy()  # x itself is handed on
                     if not left:
                         break
 

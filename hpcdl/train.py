@@ -358,18 +358,20 @@ def eval_rows(info: data.DatasetInfo, split: str, ranks: parallel.Ranks, mode: s
 
 
 def read_inputs(params: Mapping[str, Any], info: data.DatasetInfo, ranks: parallel.Ranks,
-                fit_on_val: bool, mode: str) -> tuple[TrainBatches, EvalRows]:
+                fit_on_val: bool, choice: memory.InputChoice) -> tuple[TrainBatches, EvalRows]:
     """This rank's training batches (train, or train+val for the final model) and val rows."""
     path = info.path
-    val = eval_rows(info, "val", ranks, mode, equal=fit_on_val)
-    if mode == "stream":
+    val = eval_rows(info, "val", ranks, choice.mode, equal=fit_on_val)
+    if choice.mode == "stream":
         segments = [("train", *data.shard_bounds(info.sizes["train"], ranks.rank, ranks.size))]
         if fit_on_val:
             segments.append(("val", *data.shard_bounds(info.sizes["val"], ranks.rank,
                                                        ranks.size, equal=True)))
         layout = stream.ShardLayout.of(path, segments)
+        # never more than a quarter of what the rank may use: TensorFlow needs the rest
+        buffer_mb = min(params["stream_buffer_mb"], choice.per_rank_mb / 4)
         return stream.StreamBatches(layout, params["batch_size"], params["seed"], ranks.rank,
-                                    params["stream_buffer_mb"]), val
+                                    buffer_mb), val
     train_x, train_y = data.read_shard(path, "train", ranks.rank, ranks.size)
     if fit_on_val and isinstance(val, ArraySplit):
         train_x = np.concatenate([train_x, val.x])
@@ -391,7 +393,7 @@ def build_run(config: Config, out: Path, ranks: parallel.Ranks, clock: Clock,
 
     keras.utils.set_random_seed(params["seed"])  # same initial weights on every rank
     choice = choose_input(config, info, ranks, fit_on_val)
-    batches, val = read_inputs(params, info, ranks, fit_on_val, choice.mode)
+    batches, val = read_inputs(params, info, ranks, fit_on_val, choice)
     model, learning_rate = _compiled_model(params, info, ranks.size)
     start_epoch, history, clock.before = store.load_checkpoint(out, model)
     start_epoch = parallel.broadcast_object(start_epoch, "train.start_epoch")

@@ -115,10 +115,11 @@ def test_one_rank(results: Path) -> None:
 
 
 @pytest.mark.mpi
-def test_sigterm_then_resume_equals_uninterrupted(results: Path) -> None:
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_sigterm_then_resume_equals_uninterrupted(results: Path, mode: str) -> None:
     # batch size 1 and 6 epochs: the signal, sent once epoch 1 is checkpointed, lands with
     # four epochs (~1 s each on an idle 2-core machine) still to run, however fast the machine
-    slow = ("train.batch_size=1", "train.epochs=6")
+    slow = ("train.batch_size=1", "train.epochs=6", f"train.input={mode}")
     out = results / "resumed.h5"
     command = ["mpirun", "-np", "2", "hpcdl", *train_args(results, out, *slow)]
     job = subprocess.Popen(
@@ -146,6 +147,7 @@ def test_sigterm_then_resume_equals_uninterrupted(results: Path) -> None:
     assert f"after epoch {interrupted.n_epochs}" in resumed.stderr
     final = store.read_run(out)
     assert final.attrs["stop_reason"] == "completed" and final.n_epochs == 6
+    assert {choice["mode"] for choice in final.attrs["input"]} == {mode}
     # the run's clock carries on across the resume
     elapsed = final.epochs["elapsed_seconds"]
     assert elapsed[: interrupted.n_epochs] == interrupted.epochs["elapsed_seconds"]
