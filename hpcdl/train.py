@@ -279,8 +279,14 @@ def check_metrics_recorded(config: Config, info: data.DatasetInfo) -> None:
 def _check_can_start(config: Config, out: Path, ranks: parallel.Ranks,
                      info: data.DatasetInfo) -> None:
     """Refuse, alike on every rank, a run that cannot start: too few samples per rank for one
-    batch, or a finished run file at `out`."""
+    batch, XLA over several ranks, or a finished run file at `out`."""
     check_batch_fits(config, info, ranks.size)
+    if config.params["jit_compile"] and ranks.size > 1:
+        # Keras compiles the whole train step, Horovod's allreduce included, and Horovod
+        # 0.28's XLA ops are GPU-only: on CPU XLA fails at the first step (no XLA_CPU_JIT
+        # kernel for HorovodAllreduce); on GPUs it is untested here
+        raise UserError(f"{config.origin}: train.jit_compile: true needs one rank here "
+                        f"({ranks.size} ranks): Horovod's allreduce has no XLA kernel on CPU")
     problem = _resume_problem(out) if ranks.is_root else None
     problem = parallel.broadcast_object(problem, "train.resume_problem")
     if problem:
@@ -294,10 +300,14 @@ def _compiled_model(params: Mapping[str, Any], info: data.DatasetInfo,
     learning_rate = parallel.scaled_learning_rate(
         params["learning_rate"], size, params["lr_scaling"]
     )
+    # Under train.mixed_precision float16 Keras wraps the optimizer in a LossScaleOptimizer
+    # (dynamic loss scaling); Horovod inside it averages the gradients, float32 like the
+    # variables, so every rank takes the same loss-scale step (tests: test_models, test_train)
     model.compile(
         optimizer=parallel.distributed_optimizer(make_optimizer(params, learning_rate)),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        jit_compile=params["jit_compile"],
     )
     return model, learning_rate
 

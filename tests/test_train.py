@@ -161,6 +161,28 @@ def test_sigterm_then_resume_equals_uninterrupted(results: Path, mode: str) -> N
     assert final.test == expected.test
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_mixed_precision_keeps_ranks_identical(results: Path, precision: str) -> None:
+    out = results / f"{precision}.h5"
+    result = run_mpi(2, "hpcdl", *train_args(results, out, f"train.mixed_precision={precision}",
+                                             "train.epochs=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = store.read_run(out)
+    assert len(set(run.attrs["weights_sha256"])) == 1 and run.epochs["val_accuracy"][-1] > 0.8
+
+
+def test_jit_compile_trains_one_rank_and_refuses_two(results: Path) -> None:
+    out = results / "xla.h5"
+    result = run_hpcdl(*train_args(results, out, "train.jit_compile=true", "train.epochs=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert store.read_run(out).attrs["params"]["jit_compile"] is True
+    refused = run_mpi(2, "hpcdl", *train_args(results, results / "xla2.h5",
+                                              "train.jit_compile=true"))
+    assert refused.returncode == 2
+    assert "train.jit_compile: true needs one rank here (2 ranks)" in refused.stderr
+
+
 def test_non_finite_loss_is_a_clean_failure(results: Path) -> None:
     out = results / "nan.h5"
     result = run_hpcdl(*train_args(results, out, "learning_rate=1.0e9", "optimizer=sgd"))
