@@ -77,15 +77,17 @@ def test_mixed_precision_computes_low_keeps_variables_and_softmax_float32(
 
     params = config.load("configs/fashion_cnn.yaml",
                          [f"train.mixed_precision={precision or 'null'}"]).params
-    model, _ = train._compiled_model(params, _info(), size=1)
-    hidden = model.get_layer("dense1")
-    assert hidden.compute_dtype == compute and hidden.variable_dtype == "float32"
-    assert model.get_layer("classes").compute_dtype == "float32"  # the softmax
-    assert model.output.dtype == "float32"
-    # float16 alone needs loss scaling (bfloat16 has float32's exponent range)
-    scaled = type(model.optimizer).__name__.startswith("LossScaleOptimizer")
-    assert scaled == (precision == "float16")
-    models.build_model(config.load("configs/fashion_cnn.yaml").params, MNIST, 10)  # reset
+    try:
+        model, _ = train._compiled_model(params, _info(), size=1)
+        hidden = model.get_layer("dense1")
+        assert hidden.compute_dtype == compute and hidden.variable_dtype == "float32"
+        assert model.get_layer("classes").compute_dtype == "float32"  # the softmax
+        assert model.output.dtype == "float32"
+        # float16 alone needs loss scaling (bfloat16 has float32's exponent range)
+        scaled = type(model.optimizer).__name__.startswith("LossScaleOptimizer")
+        assert scaled == (precision == "float16")
+    finally:  # the policy is process-wide: back to float32 for the tests after this one
+        models.build_model(config.load("configs/fashion_cnn.yaml").params, MNIST, 10)
 
 
 def _info() -> object:
