@@ -36,36 +36,50 @@ FILTERS = {"gzip 1": ["--compression", "gzip", "--compression-level", "1"],
            "lzf": ["--compression", "lzf"], "none": ["--compression", "none"]}
 
 
+def uncompressed_results(work: Path) -> Path:
+    """A results dir whose fashion_mnist.h5 is written with --compression none."""
+    results = work / "uncompressed"
+    if not (results / "data" / "fashion_mnist.h5").exists():
+        run(["hpcdl", "prepare", "fashion_mnist", "--compression", "none", "--out",
+             str(results / "data" / "fashion_mnist.h5")])
+    return results
+
+
 def epoch_seconds(model: str, ranks: int, mode: str, epochs: int,
                   work: Path) -> tuple[float, float]:
-    """Median epoch_seconds of one `hpcdl train` run, epoch 1 left out; final val accuracy."""
+    """Median epoch_seconds of one `hpcdl train` run, epoch 1 left out; final val accuracy.
+    mode: memory, stream (the default gzip file) or "stream, none" (an uncompressed one)."""
     from hpcdl import store
 
-    out = work / f"{model}-{ranks}-{mode}.h5"
+    out = work / f"{model}-{ranks}-{mode.replace(', ', '-')}.h5"
     out.unlink(missing_ok=True)
     launch = ["mpirun", "-np", str(ranks)] if ranks > 1 else []
+    results = uncompressed_results(work) if mode == "stream, none" else REPO / "results"
     run([*launch, "hpcdl", "train", "--config", str(REPO / "configs" / MODELS[model]),
-         f"--set=epochs={epochs}", f"--set=train.input={mode}", "--set=intra_op_threads=0",
-         f"--set=results_dir={REPO}/results", "--out", str(out)])
+         f"--set=epochs={epochs}", f"--set=train.input={mode.split(',')[0]}",
+         "--set=intra_op_threads=0", f"--set=results_dir={results}", "--out", str(out)])
     record = store.read_run(out)
     return statistics.median(record.epochs["epoch_seconds"][1:]), record.epochs["val_accuracy"][-1]
 
 
 def epoch_ratios(models: list[str], reps: int, epochs: int, work: Path) -> list[list[str]]:
-    rows = [["model", "ranks", "memory s/epoch", "stream s/epoch", "stream / memory",
-             "val acc memory / stream"]]
+    rows = [["model, ranks", "memory s/epoch", "stream s/epoch", "stream / memory",
+             "stream uncompressed / memory", "val acc memory / stream"]]
     for model in models:
         for ranks in (1, 2):
-            times: dict[str, list[float]] = {"memory": [], "stream": []}
-            accuracy: dict[str, list[float]] = {"memory": [], "stream": []}
+            modes = ("memory", "stream", "stream, none")
+            times: dict[str, list[float]] = {mode: [] for mode in modes}
+            accuracy: dict[str, list[float]] = {mode: [] for mode in modes}
             for _ in range(reps):
-                for mode in times:
+                for mode in modes:
                     seconds, val = epoch_seconds(model, ranks, mode, epochs, work)
                     times[mode].append(seconds)
                     accuracy[mode].append(val)
-            ratios = [s / m for s, m in zip(times["stream"], times["memory"], strict=True)]
-            rows.append([model, str(ranks), summary(times["memory"]), summary(times["stream"]),
-                         summary(ratios), f"{statistics.median(accuracy['memory']):.4f} / "
+            ratios = {mode: summary([s / m for s, m in zip(times[mode], times["memory"],
+                                                          strict=True)]) for mode in modes[1:]}
+            rows.append([f"{model}, {ranks}", summary(times["memory"]), summary(times["stream"]),
+                         ratios["stream"], ratios["stream, none"],
+                         f"{statistics.median(accuracy['memory']):.4f} / "
                          f"{statistics.median(accuracy['stream']):.4f}"])
     return rows
 
@@ -206,25 +220,31 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="1 repetition, 3 epochs, MLP only for (a), 4x tiled file for (b)")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="for (a)")
+    parser.add_argument("--epochs-only", action="store_true", help="(a) alone")
     args = parser.parse_args()
     reps = 1 if args.quick else args.reps
     fashion_mnist()
-    models = ["MLP"] if args.quick else list(MODELS)
+    models = args.models or (["MLP"] if args.quick else list(MODELS))
     epochs = 3 if args.quick else 5
+    table: list[list[str]] = []
     with tempfile.TemporaryDirectory(dir=REPO / "results") as tmp:
         work = Path(tmp)
-        parallel = threads_vs_processes(work, max(2, reps))
-        decode = decode_rates(work, max(2, reps))
-        cold = cold_reads(work, 4 if args.quick else 16, max(2, reps))
-        ratios = epoch_ratios(models, reps, epochs, work)
-    table = [*ratios, [""] * 6, *[[*row, ""] for row in cold], [""] * 6,
-             *[[*row, ""] for row in decode], [""] * 6, *[[*row, "", ""] for row in parallel]]
+        if not args.epochs_only:
+            parallel = threads_vs_processes(work, max(2, reps))
+            decode = decode_rates(work, max(2, reps))
+            cold = cold_reads(work, 4 if args.quick else 16, max(2, reps))
+            table = [[""] * 6, *[[*row, ""] for row in cold], [""] * 6,
+                     *[[*row, ""] for row in decode], [""] * 6,
+                     *[[*row, "", ""] for row in parallel]]
+        table = [*epoch_ratios(models, reps, epochs, work), *table]
     append_results("8. Streaming input vs in memory", table, NOTES)
 
 
 NOTES = """
-Three tables in one: (a) epoch_seconds (training only) of `hpcdl train` with train.input memory
-and stream, alternated in one session, epoch 1 left out, intra_op_threads 0, the default
+Tables in one: (a) epoch_seconds (training only) of `hpcdl train` with train.input memory,
+stream (the default gzip 4 file) and stream from an uncompressed file (prepare --compression
+none), alternated in one session, epoch 1 left out, intra_op_threads 0, the default
 stream_buffer_mb (64); (b) the streaming reader (stream.Reader, 2 decode threads) reading a
 whole train split of tiled Fashion-MNIST vs `dd bs=4M` of the same file, page cache dropped before
 each; (c) one decode thread, warm cache, over the 43200 train images of Fashion-MNIST's 60000
