@@ -39,7 +39,7 @@ bench: setup
 	cd benchmarks && python bench_overhead.py $(BENCH_ARGS) && python bench_scaling.py $(BENCH_ARGS) \
 	  && python bench_storage.py $(BENCH_ARGS) && python bench_sweep.py $(BENCH_ARGS) \
 	  && python bench_accuracy.py $(BENCH_ARGS) && python bench_memory.py $(BENCH_ARGS) \
-	  && python bench_pipeline.py $(BENCH_ARGS)
+	  && python bench_pipeline.py $(BENCH_ARGS) && python bench_stream.py $(BENCH_ARGS)
 
 bench-quick:
 	$(MAKE) bench BENCH_ARGS=--quick

@@ -45,7 +45,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             source=args.source, x_key=args.x_key, y_key=args.y_key, x_test_key=args.x_test_key,
             y_test_key=args.y_test_key, test_fraction=args.test_fraction, seed=args.seed,
             allow_nonfinite=args.allow_nonfinite)
-        request = data.PrepareRequest(args.dataset, options, args.val_fraction, out)
+        write = data.WriteOptions(args.compression, args.compression_level, args.chunk_mb)
+        request = data.PrepareRequest(args.dataset, options, args.val_fraction, out, write)
     else:
         raise UserError(
             "give a DATASET (fashion_mnist, mnist, digits, npz:FILE, hdf5:FILE) or --config CFG"
@@ -195,6 +196,12 @@ def add_prepare_command(sub: Any) -> None:
     prepare.add_argument("--x-test-key", default="x_test", help="test images, if present")
     prepare.add_argument("--y-test-key", default="y_test", help="test labels, if present")
     prepare.add_argument("--force", action="store_true", help="overwrite an existing output")
+    prepare.add_argument("--compression", choices=("gzip", "lzf", "none"), default="gzip",
+                         help="filter of the images (default gzip: benchmark 8)")
+    prepare.add_argument("--compression-level", type=int, choices=range(1, 10), default=4,
+                         metavar="1..9", help="gzip level (default 4)")
+    prepare.add_argument("--chunk-mb", type=float, default=1.0,
+                         help="MiB of images per chunk, whole rows (default 1)")
     prepare.add_argument("--allow-nonfinite", action="store_true",
                          help="keep NaN/inf values in npz/hdf5 images (refused by default)")
 

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import h5py
 import numpy as np
 
-from hpcdl import __version__, sources, store
+from hpcdl import __version__, blockcopy, sources, store
 from hpcdl.config import default_dataset_path
 from hpcdl.errors import DatasetError
 
@@ -67,6 +67,29 @@ FASHION_MNIST_SHA256 = {
 }
 
 TARGET_CHUNK_BYTES = 1 << 20
+COMPRESSIONS = ("gzip", "lzf", "none")
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How the dataset file's images are stored: chunk size and filter (benchmark 8 chose the
+    default: gzip 4 with the shuffle filter)."""
+
+    compression: str = "gzip"  # gzip | lzf | none
+    level: int = 4  # gzip only
+    chunk_mb: float = TARGET_CHUNK_BYTES / 2**20
+
+    def dataset_options(self) -> dict[str, Any]:
+        """h5py create_dataset keywords of the filter."""
+        if self.compression == "none":
+            return {}
+        if self.compression == "gzip":
+            return {"compression": "gzip", "compression_opts": self.level, "shuffle": True}
+        return {"compression": "lzf", "shuffle": True}
+
+    def chunk_rows(self, sample_shape: tuple[int, ...], itemsize: int, n_rows: int) -> int:
+        row_bytes = max(1, int(np.prod(sample_shape)) * itemsize)
+        return max(1, min(n_rows, int(self.chunk_mb * 2**20) // row_bytes))
 
 
 @dataclass
@@ -295,18 +318,25 @@ def refuse_nonfinite(path: Path, key: str, x: np.ndarray | h5py.Dataset) -> None
         )
 
 
-def _checked_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4:
+def _image_layout(path: Path, key: str, x: np.ndarray | h5py.Dataset) -> tuple[
+        tuple[int, ...], np.dtype]:
+    """The (N, H, W, C) shape and dtype (uint8 kept, other numbers float32) images of `x`
+    are stored with; DatasetError if `x` holds no images."""
+    shape = tuple(x.shape) + ((1,) if x.ndim == 3 else ())
+    if len(shape) != 4:
         raise DatasetError(
             f"{path}: {key!r} has shape {x.shape}; expected images (N, H, W) or (N, H, W, C)"
         )
     if x.dtype == np.uint8:
-        return x
+        return shape, np.dtype(np.uint8)
     if not np.issubdtype(x.dtype, np.number):
         raise DatasetError(f"{path}: {key!r} has dtype {x.dtype}; expected numbers")
-    return x.astype(np.float32)
+    return shape, np.dtype(np.float32)
+
+
+def _checked_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
+    shape, dtype = _image_layout(path, key, x)
+    return x.reshape(shape).astype(dtype, copy=False)
 
 
 def _checked_labels(path: Path, key: str, y: np.ndarray, n_images: int, x_key: str) -> np.ndarray:
@@ -409,6 +439,37 @@ def _chunk_rows(sample_shape: tuple[int, ...], itemsize: int, n_rows: int) -> in
     return max(1, min(n_rows, TARGET_CHUNK_BYTES // row_bytes))
 
 
+def _write_attrs(handle: h5py.File, arrays: Arrays, shapes: Mapping[str, tuple[int, ...]],
+                 val_fraction: float, seed: int) -> None:
+    """The dataset file's attributes describing the data (`arrays`' arrays are not used)."""
+    handle.attrs.update(
+        {
+            "format": DATASET_FORMAT,
+            "format_version": DATASET_FORMAT_VERSION,
+            "name": arrays.name,
+            "source": arrays.source,
+            "n_classes": len(arrays.class_names),
+            "class_names": json.dumps(list(arrays.class_names)),
+            "shapes": json.dumps({s: list(shape) for s, shape in shapes.items()}),
+            "checksums_sha256": json.dumps(arrays.checksums, sort_keys=True),
+            "val_fraction": val_fraction,
+            "split_seed": seed,
+            "hpcdl_version": __version__,
+        }
+    )
+
+
+def _create_split(handle: h5py.File, split: str, shape: tuple[int, ...], dtype: Any,
+                  y: np.ndarray, write: WriteOptions) -> h5py.Dataset:
+    """A split's group: empty x (chunked along N, filtered) and its labels y; returns x."""
+    group = handle.create_group(split)
+    rows = write.chunk_rows(shape[1:], np.dtype(dtype).itemsize, shape[0])
+    group.create_dataset("y", data=y.astype(np.int64), chunks=True, compression="gzip",
+                         compression_opts=4)
+    return group.create_dataset("x", shape=shape, dtype=dtype, chunks=(rows, *shape[1:]),
+                                **write.dataset_options())
+
+
 def _write_splits(
     handle: h5py.File,
     arrays: Arrays,
@@ -416,47 +477,18 @@ def _write_splits(
     val_fraction: float,
     seed: int,
     progress: Callable[[int], None] | None,
+    write: WriteOptions,
 ) -> None:
     """The dataset layout: attributes describing the data, then x (chunked) and y per split."""
-    n_classes = len(arrays.class_names)
-    handle.attrs.update(
-        {
-            "format": DATASET_FORMAT,
-            "format_version": DATASET_FORMAT_VERSION,
-            "name": arrays.name,
-            "source": arrays.source,
-            "n_classes": n_classes,
-            "class_names": json.dumps(list(arrays.class_names)),
-            "shapes": json.dumps({s: list(x.shape) for s, (x, _) in splits.items()}),
-            "checksums_sha256": json.dumps(arrays.checksums, sort_keys=True),
-            "val_fraction": val_fraction,
-            "split_seed": seed,
-            "hpcdl_version": __version__,
-        }
-    )
+    _write_attrs(handle, arrays, {s: x.shape for s, (x, _) in splits.items()}, val_fraction,
+                 seed)
     for split, (x, y) in splits.items():
-        group = handle.create_group(split)
-        rows = _chunk_rows(x.shape[1:], x.dtype.itemsize, len(x))
-        dset = group.create_dataset(
-            "x",
-            shape=x.shape,
-            dtype=x.dtype,
-            chunks=(rows, *x.shape[1:]),
-            compression="gzip",
-            compression_opts=4,
-            shuffle=True,
-        )
+        dset = _create_split(handle, split, x.shape, x.dtype, y, write)
+        rows = dset.chunks[0]
         for start in range(0, len(x), rows):
             dset[start : start + rows] = x[start : start + rows]
             if progress:
                 progress(min(rows, len(x) - start))
-        group.create_dataset(
-            "y",
-            data=y.astype(np.int64),
-            chunks=True,
-            compression="gzip",
-            compression_opts=4,
-        )
 
 
 def write_dataset(
@@ -466,6 +498,7 @@ def write_dataset(
     seed: int,
     force: bool = False,
     progress: Callable[[int], None] | None = None,
+    write: WriteOptions = WriteOptions(),
 ) -> dict[str, int]:
     """Split val out of train and write the dataset HDF5 atomically; returns rows per split."""
     if out.exists() and not force:
@@ -491,9 +524,100 @@ def write_dataset(
         except OSError as exc:
             raise DatasetError(f"{out}: cannot write here ({exc.strerror or exc})") from exc
         with handle:
-            _write_splits(handle, arrays, splits, val_fraction, seed, progress)
+            _write_splits(handle, arrays, splits, val_fraction, seed, progress, write)
     return {split: len(y) for split, (_, y) in splits.items()}
 
+
+
+def _hdf5_placement(path: Path, h5: h5py.File, options: SourceOptions,
+                    val_fraction: float) -> tuple[blockcopy.Placement, np.ndarray, np.ndarray]:
+    """Which source rows go to train (permuted), val and test: the splits the in-memory path
+    makes (test held out unless the file has test keys); labels of the x and test keys."""
+    y = _checked_labels(path, options.y_key, np.asarray(h5[options.y_key]),
+                        len(h5[options.x_key]), options.x_key)
+    has_test = options.x_test_key in h5 and options.y_test_key in h5
+    test_y = np.zeros(0, np.int64)
+    if has_test:
+        test_x = h5[options.x_test_key]
+        test_y = _checked_labels(path, options.y_test_key, np.asarray(h5[options.y_test_key]),
+                                 len(test_x), options.x_test_key)
+        kept, held = np.arange(len(y)), np.zeros(0, np.int64)
+    else:
+        kept, held = stratified_split(y, options.test_fraction, options.seed)
+    train_pos, val_pos = stratified_split(y[kept], val_fraction, options.seed)
+    rows = {"train": kept[train_pos], "val": kept[val_pos]}
+    if not has_test:
+        rows["test"] = held
+    return blockcopy.Placement(rows), y, test_y
+
+
+def _prepare_hdf5(request: PrepareRequest, out: Path | None,
+                  force: bool) -> tuple[Arrays, dict[str, int], Path]:
+    """An hdf5: source, copied block by block (blockcopy): only labels are read whole."""
+    from rich.progress import Progress
+
+    options, path = request.options, Path(request.spec.partition(":")[2])
+    if not path.is_file():
+        raise DatasetError(f"{path}: hdf5 file does not exist")
+    out = out or default_dataset_path(path.stem)
+    if out.exists() and not force:
+        raise DatasetError(f"{out}: already exists; pass --force to overwrite it")
+    with _open_arrays("hdf5", path) as h5:
+        missing = [key for key in (options.x_key, options.y_key) if key not in h5]
+        if missing:
+            raise DatasetError(f"{path}: no array named {', '.join(map(repr, missing))}; it has "
+                               f"{sorted(h5.keys())} (choose with --x-key/--y-key)")
+        placement, y, test_y = _hdf5_placement(path, h5, options, request.val_fraction)
+        sources_of = {split: (options.x_key, y) for split in placement.rows}
+        if "test" not in placement.rows:
+            sources_of["test"] = (options.x_test_key, test_y)
+        shapes, dtypes = {}, set()
+        for split, (key, labels) in sources_of.items():
+            shape, dtype = _image_layout(path, key, h5[key])
+            count = len(placement.rows.get(split, labels))
+            shapes[split], dtypes = (count, *shape[1:]), dtypes | {dtype}
+        if len({shape[1:] for shape in shapes.values()}) > 1:
+            raise DatasetError(f"{path}: {options.x_test_key!r} images are "
+                               f"{shapes['test'][1:]}, but {options.x_key!r} images are "
+                               f"{shapes['train'][1:]}")
+        n_classes = int(max(y.max(), test_y.max(initial=0))) + 1
+        arrays = Arrays(path.stem, f"hdf5:{path.resolve()}", np.empty((0, *shapes["train"][1:])),
+                        y[:0], y[:0], y[:0], tuple(str(c) for c in range(n_classes)),
+                        {path.name: _sha256_file(path)})
+        labels = {split: sources_of[split][1][placement.rows[split]] if split in placement.rows
+                  else test_y for split in SPLITS}
+        with store.atomic_path(out) as tmp, h5py.File(tmp, "w") as handle, \
+                Progress(transient=True) as progress:
+            task = progress.add_task(f"writing {out}", total=sum(s[0] for s in shapes.values()))
+            _write_attrs(handle, arrays, shapes, request.val_fraction, options.seed)
+            dtype = np.uint8 if dtypes == {np.dtype(np.uint8)} else np.float32
+            outputs = {split: _create_split(handle, split, shapes[split], dtype, labels[split],
+                                            request.write) for split in SPLITS}
+            copies = [(options.x_key, placement, [s for s in SPLITS if s in placement.rows])]
+            if "test" not in placement.rows:
+                copies.append((options.x_test_key,
+                               blockcopy.Placement({"test": np.arange(len(test_y))}), ["test"]))
+            for key, where, splits in copies:
+                check = _nonfinite_check(path, key, options.allow_nonfinite)
+                blockcopy.copy_images(path, key, h5[key], where,
+                                      {s: outputs[s] for s in splits}, check,
+                                      lambda rows: progress.advance(task, rows))
+    return arrays, {split: shapes[split][0] for split in SPLITS}, out
+
+
+def _nonfinite_check(path: Path, key: str, allow: bool) -> Callable[[int, np.ndarray], None]:
+    """Refuses a block of `key` (first row `start`) with NaN/inf, as refuse_nonfinite does."""
+
+    def check(start: int, block: np.ndarray) -> None:
+        index = None if allow else first_nonfinite(block)
+        if index is not None:
+            where = (start + index[0], *index[1:])
+            raise DatasetError(
+                f"{path}: {key!r} has a non-finite value ({block[index]}) at index "
+                f"{list(where)}; clean the data, or pass --allow-nonfinite "
+                "(dataset.allow_nonfinite: true) to keep it")
+
+    return check
 
 
 @dataclass(frozen=True)
@@ -504,6 +628,7 @@ class PrepareRequest:
     options: SourceOptions
     val_fraction: float
     out: Path | None = None  # None: the default dataset path of the source's name
+    write: WriteOptions = WriteOptions()
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any], out: Path) -> PrepareRequest:
@@ -512,7 +637,9 @@ class PrepareRequest:
         options = SourceOptions(source=section["source_dir"],
                                 test_fraction=section["test_fraction"], seed=section["seed"],
                                 allow_nonfinite=section["allow_nonfinite"], **keys)
-        return cls(section["source"], options, section["val_fraction"], out)
+        write = WriteOptions(section["compression"], section["compression_level"],
+                             section["chunk_mb"])
+        return cls(section["source"], options, section["val_fraction"], out, write)
 
 
 def prepare(request: PrepareRequest, force: bool = False) -> str:
@@ -523,13 +650,17 @@ def prepare(request: PrepareRequest, force: bool = False) -> str:
     if out is not None and out.exists() and not force:
         raise DatasetError(f"{out}: already exists; pass --force to overwrite it")
     log.info("reading %s", request.spec)
-    arrays = load_source(request.spec, request.options)
-    out = out or default_dataset_path(arrays.name)
-    total = len(arrays.train_x) + len(arrays.test_x)
-    with Progress(transient=True) as progress:
-        task = progress.add_task(f"writing {out}", total=total)
-        sizes = write_dataset(arrays, out, request.val_fraction, request.options.seed,
-                              force=force, progress=lambda rows: progress.advance(task, rows))
+    if sources.file_kind(request.spec) == "hdf5":
+        arrays, sizes, out = _prepare_hdf5(request, out, force)
+    else:
+        arrays = load_source(request.spec, request.options)
+        out = out or default_dataset_path(arrays.name)
+        total = len(arrays.train_x) + len(arrays.test_x)
+        with Progress(transient=True) as progress:
+            task = progress.add_task(f"writing {out}", total=total)
+            sizes = write_dataset(arrays, out, request.val_fraction, request.options.seed,
+                                  force=force, progress=lambda rows: progress.advance(task, rows),
+                                  write=request.write)
     shape = "x".join(str(d) for d in arrays.train_x.shape[1:])
     return (f"{out}: {arrays.name} {shape}, {len(arrays.class_names)} classes, "
             + ", ".join(f"{split} {n}" for split, n in sizes.items()))

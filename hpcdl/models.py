@@ -65,6 +65,10 @@ def build_model(params: Mapping[str, Any], input_shape: tuple[int, ...], n_class
     from tensorflow import keras
 
     check_architecture(params, input_shape)
+    # train.mixed_precision: layers compute in float16/bfloat16, variables stay float32. Set
+    # for every model built: a worker builds one per trial, and trials may differ.
+    precision = params.get("mixed_precision")
+    keras.mixed_precision.set_global_policy(f"mixed_{precision}" if precision else "float32")
     layers = keras.layers
     inputs = keras.Input(shape=input_shape, name="image")
     x = inputs
@@ -90,5 +94,6 @@ def build_model(params: Mapping[str, Any], input_shape: tuple[int, ...], n_class
         x = layers.Activation(params["activation"], name=f"dense{i}_act")(x)
         if params["dropout"] > 0:
             x = layers.Dropout(params["dropout"], name=f"dropout{i}")(x)
-    outputs = layers.Dense(n_classes, activation="softmax", name="classes")(x)
+    # the softmax in float32 whatever the policy: float16 probabilities underflow in the loss
+    outputs = layers.Dense(n_classes, activation="softmax", name="classes", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=params["family"])

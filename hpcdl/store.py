@@ -4,7 +4,9 @@ Run file (one training run or one trial), readable with h5dump:
   attributes: format=hpcdl-run, study, trial_number, state, stop_reason, params (JSON), seed,
               ranks, hosts (JSON), versions (JSON), wall_seconds, n_params, dataset, config (JSON),
               placement (JSON: per rank in rank order, parallel.Placement: host, rank,
-              local_rank, cuda_visible_devices, slurm_gpus, device, gpu)
+              local_rank, cuda_visible_devices, slurm_gpus, device, gpu),
+              input (JSON: per rank, memory.InputChoice: rank, requested, mode, shard_mb,
+              per_rank_mb)
   /epochs/<metric>: one value per finished epoch (loss, accuracy, val_loss, val_accuracy,
               epoch_seconds, samples_per_second, learning_rate, elapsed_seconds: wall
               seconds since the run began at the end of the epoch, validation included)
@@ -29,7 +31,7 @@ import numpy as np
 
 RUN_FORMAT = "hpcdl-run"
 JSON_ATTRS = ("params", "hosts", "versions", "config", "train_shards", "weights_sha256",
-              "peak_rss_mb", "placement")
+              "peak_rss_mb", "placement", "input")
 
 
 @contextmanager

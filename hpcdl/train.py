@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcdl import callbacks, data, logs, models, parallel, store
+from hpcdl import callbacks, data, logs, memory, models, parallel, store, stream
 from hpcdl.config import EPOCH_METRICS, Config
 from hpcdl.errors import UserError
 
@@ -97,12 +97,6 @@ def make_optimizer(params: Mapping[str, Any], learning_rate: float) -> Any:
     }[name](learning_rate)
 
 
-def _normalise(x: Any) -> Any:
-    import tensorflow as tf
-
-    return tf.cast(x, tf.float32) / 255.0 if x.dtype == tf.uint8 else x
-
-
 class ShardBatches:
     """This rank's training shard in memory once; per-epoch batches in a seeded order."""
 
@@ -129,29 +123,43 @@ class ShardBatches:
         # iterator and hold the process until its next wake-up, up to 60 s later (TF 2.18
         # notifies before marking the iterator cancelled). That cost 16-40 s at the end of 8
         # of 24 demo trials; a gather per batch needs no tuning, a two-batch prefetch hides it.
-        options = tf.data.Options()
-        options.autotune.enabled = False
         return (
             tf.data.Dataset.from_tensor_slices(batches)
-            .map(lambda idx: (_normalise(tf.gather(x, idx)), tf.gather(y, idx)))
+            .map(lambda idx: (stream.normalise(tf.gather(x, idx)), tf.gather(y, idx)))
             .prefetch(2)
-            .with_options(options)
+            .with_options(stream.no_autotune())
         )
 
 
-def evaluate_global(model: Any, x: np.ndarray, y: np.ndarray, name: str) -> dict[str, float]:
+@dataclass
+class ArraySplit:
+    """Rows of a split held in memory, for evaluation (stream.StreamedSplit streams them)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return len(self.y)
+
+    def dataset(self, batch_size: int) -> Any:
+        import tensorflow as tf
+
+        return (tf.data.Dataset.from_tensor_slices((self.x, self.y)).batch(batch_size)
+                .map(lambda a, b: (stream.normalise(a), b)))
+
+
+EvalRows = ArraySplit | stream.StreamedSplit
+TrainBatches = ShardBatches | stream.StreamBatches
+
+
+def evaluate_global(model: Any, split: EvalRows, name: str) -> dict[str, float]:
     """Loss and accuracy over the union of all ranks' shards (weighted by shard size)."""
-    import tensorflow as tf
-
     local = np.zeros(3)
-    if len(y):
-        ds = (
-            tf.data.Dataset.from_tensor_slices((x, y))
-            .batch(512)
-            .map(lambda a, b: (_normalise(a), b))
-        )
-        result = model.evaluate(ds, verbose=0, return_dict=True)
-        local = np.array([result["loss"] * len(y), result["accuracy"] * len(y), len(y)])
+    if split.rows:
+        result = model.evaluate(split.dataset(512), verbose=0, return_dict=True)
+        local = np.array([result["loss"] * split.rows, result["accuracy"] * split.rows,
+                          split.rows])
     loss_sum, correct, count = parallel.allreduce_sum(local, name)
     return {"loss": loss_sum / count, "accuracy": correct / count}
 
@@ -159,7 +167,7 @@ def evaluate_global(model: Any, x: np.ndarray, y: np.ndarray, name: str) -> dict
 def _epoch_metrics(
     logs: Mapping[str, float],
     seconds: float,
-    batches: ShardBatches,
+    batches: TrainBatches,
     size: int,
     model: Any,
 ) -> dict[str, float]:
@@ -223,13 +231,14 @@ class Run:
     ranks: parallel.Ranks
     info: data.DatasetInfo
     model: Any
-    batches: ShardBatches
-    val: tuple[np.ndarray, np.ndarray]
+    batches: TrainBatches
+    val: EvalRows
     learning_rate: float
     fit_on_val: bool
     clock: Clock
     start_epoch: int  # epochs finished before this session (restored from the checkpoint)
     history: dict[str, list[float]]  # their metrics
+    input: memory.InputChoice  # how this rank reads its rows
     attrs: dict[str, Any] = field(default_factory=dict)  # the run file's attributes
 
     @property
@@ -270,8 +279,14 @@ def check_metrics_recorded(config: Config, info: data.DatasetInfo) -> None:
 def _check_can_start(config: Config, out: Path, ranks: parallel.Ranks,
                      info: data.DatasetInfo) -> None:
     """Refuse, alike on every rank, a run that cannot start: too few samples per rank for one
-    batch, or a finished run file at `out`."""
+    batch, XLA over several ranks, or a finished run file at `out`."""
     check_batch_fits(config, info, ranks.size)
+    if config.params["jit_compile"] and ranks.size > 1:
+        # Keras compiles the whole train step, Horovod's allreduce included, and Horovod
+        # 0.28's XLA ops are GPU-only: on CPU XLA fails at the first step (no XLA_CPU_JIT
+        # kernel for HorovodAllreduce); on GPUs it is untested here
+        raise UserError(f"{config.origin}: train.jit_compile: true needs one rank here "
+                        f"({ranks.size} ranks): Horovod's allreduce has no XLA kernel on CPU")
     problem = _resume_problem(out) if ranks.is_root else None
     problem = parallel.broadcast_object(problem, "train.resume_problem")
     if problem:
@@ -285,10 +300,14 @@ def _compiled_model(params: Mapping[str, Any], info: data.DatasetInfo,
     learning_rate = parallel.scaled_learning_rate(
         params["learning_rate"], size, params["lr_scaling"]
     )
+    # Under train.mixed_precision float16 Keras wraps the optimizer in a LossScaleOptimizer
+    # (dynamic loss scaling); Horovod inside it averages the gradients, float32 like the
+    # variables, so every rank takes the same loss-scale step (tests: test_models, test_train)
     model.compile(
         optimizer=parallel.distributed_optimizer(make_optimizer(params, learning_rate)),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        jit_compile=params["jit_compile"],
     )
     return model, learning_rate
 
@@ -314,7 +333,60 @@ def _run_attrs(run: Run, extra: Mapping[str, Any], device: str | None) -> dict[s
         "device": device or "cpu",
         "slurm_job_id": ranks.job_id,
         "train_shards": shards,
+        "input": parallel.allgather_object(run.input.as_dict(), "train.input"),
     }
+
+
+def choose_input(config: Config, info: data.DatasetInfo, ranks: parallel.Ranks,
+                 fit_on_val: bool) -> memory.InputChoice:
+    """memory or stream for this rank (train.input; auto weighs the shard, val included,
+    against the memory the rank may use), logged with the rank."""
+    rows = sum(stop - start for start, stop in (
+        data.shard_bounds(info.sizes["train"], ranks.rank, ranks.size),
+        data.shard_bounds(info.sizes["val"], ranks.rank, ranks.size, equal=fit_on_val)))
+    row_bytes = int(np.prod(info.sample_shape)) * np.dtype(info.dtype).itemsize + 8
+    budget = memory.budget(ranks.local_size)
+    choice = memory.choose_input(config.params["input"], int(rows) * row_bytes,
+                                 budget.per_rank, ranks.rank)
+    log.info("input: %s (train.input %s; shard %.0f MB, %.0f MB available to this rank: "
+             "MemAvailable %.0f MB, cgroup headroom %s, over %d local ranks)",
+             choice.mode, choice.requested, choice.shard_mb, choice.per_rank_mb,
+             budget.mem_available / 2**20,
+             "none" if budget.cgroup_headroom is None
+             else f"{budget.cgroup_headroom / 2**20:.0f} MB", budget.local_ranks)
+    return choice
+
+
+def eval_rows(info: data.DatasetInfo, split: str, ranks: parallel.Ranks, mode: str,
+              equal: bool) -> EvalRows:
+    """This rank's rows of `split` for evaluation, in memory or streamed."""
+    path = info.path
+    bounds = data.shard_bounds(info.sizes[split], ranks.rank, ranks.size, equal)
+    if mode == "stream":
+        return stream.StreamedSplit(stream.ShardLayout.of(path, [(split, *bounds)]))
+    return ArraySplit(*data.read_shard(path, split, ranks.rank, ranks.size, equal))
+
+
+def read_inputs(params: Mapping[str, Any], info: data.DatasetInfo, ranks: parallel.Ranks,
+                fit_on_val: bool, choice: memory.InputChoice) -> tuple[TrainBatches, EvalRows]:
+    """This rank's training batches (train, or train+val for the final model) and val rows."""
+    path = info.path
+    val = eval_rows(info, "val", ranks, choice.mode, equal=fit_on_val)
+    if choice.mode == "stream":
+        segments = [("train", *data.shard_bounds(info.sizes["train"], ranks.rank, ranks.size))]
+        if fit_on_val:
+            segments.append(("val", *data.shard_bounds(info.sizes["val"], ranks.rank,
+                                                       ranks.size, equal=True)))
+        layout = stream.ShardLayout.of(path, segments)
+        # never more than a quarter of what the rank may use: TensorFlow needs the rest
+        buffer_mb = min(params["stream_buffer_mb"], choice.per_rank_mb / 4)
+        return stream.StreamBatches(layout, params["batch_size"], params["seed"], ranks.rank,
+                                    buffer_mb), val
+    train_x, train_y = data.read_shard(path, "train", ranks.rank, ranks.size)
+    if fit_on_val and isinstance(val, ArraySplit):
+        train_x = np.concatenate([train_x, val.x])
+        train_y = np.concatenate([train_y, val.y])
+    return ShardBatches(train_x, train_y, params["batch_size"], params["seed"], ranks.rank), val
 
 
 def build_run(config: Config, out: Path, ranks: parallel.Ranks, clock: Clock,
@@ -330,21 +402,15 @@ def build_run(config: Config, out: Path, ranks: parallel.Ranks, clock: Clock,
     _check_can_start(config, out, ranks, info)
 
     keras.utils.set_random_seed(params["seed"])  # same initial weights on every rank
-    train_x, train_y = data.read_shard(config.dataset_file, "train", ranks.rank, ranks.size)
-    val_x, val_y = data.read_shard(
-        config.dataset_file, "val", ranks.rank, ranks.size, equal=fit_on_val
-    )
-    if fit_on_val:
-        train_x, train_y = np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])
-    batches = ShardBatches(train_x, train_y, params["batch_size"], params["seed"], ranks.rank)
-    del train_x, train_y
+    choice = choose_input(config, info, ranks, fit_on_val)
+    batches, val = read_inputs(params, info, ranks, fit_on_val, choice)
     model, learning_rate = _compiled_model(params, info, ranks.size)
     start_epoch, history, clock.before = store.load_checkpoint(out, model)
     start_epoch = parallel.broadcast_object(start_epoch, "train.start_epoch")
     if start_epoch:
         log.info("resuming %s after epoch %d", out, start_epoch)
-    run = Run(config, out, ranks, info, model, batches, (val_x, val_y), learning_rate,
-              fit_on_val, clock, start_epoch, history)
+    run = Run(config, out, ranks, info, model, batches, val, learning_rate,
+              fit_on_val, clock, start_epoch, history, choice)
     run.attrs = {**_run_attrs(run, run_attrs, gpu),
                  "placement": [placement.as_dict() for placement in placements]}
     if ranks.is_root:
@@ -427,7 +493,7 @@ class RunProgress:
         run = self.run
         metrics = _epoch_metrics(logs, seconds, run.batches, run.ranks.size, run.model)
         if not run.fit_on_val:
-            val = evaluate_global(run.model, *run.val, f"val.epoch{epoch}")
+            val = evaluate_global(run.model, run.val, f"val.epoch{epoch}")
             metrics.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"]})
         # wall time since the run began (earlier sessions included), validation included:
         # its differences are the real period of an epoch, every per-epoch cost counted
@@ -484,10 +550,8 @@ def finish(run: Run, progress: RunProgress, reason: StopReason,
     ranks = run.ranks
     test: dict[str, float] = {}
     if reason.finished_training:
-        test_x, test_y = data.read_shard(
-            run.config.dataset_file, "test", ranks.rank, ranks.size, equal=False
-        )
-        test = evaluate_global(run.model, test_x, test_y, "test")
+        test_rows = eval_rows(run.info, "test", ranks, run.input.mode, equal=False)
+        test = evaluate_global(run.model, test_rows, "test")
     wall_seconds = run.clock.elapsed()
     digests = parallel.allgather_object(weights_digest(run.model), "train.weights_digest")
     # peak resident memory of each rank (Linux reports KiB): what to ask Slurm for (mem_mb)

@@ -31,6 +31,16 @@ def test_defaults_are_filled(tmp_path: Path) -> None:
     assert cfg.section("dataset")["source"] == "digits"
     assert cfg.dataset_file == Path("results/data/digits.h5")
     assert cfg.trial_file(3) == Path("results/s/trials/3.h5")
+    assert cfg.params["input"] == "auto" and cfg.params["stream_buffer_mb"] == 64
+
+
+def test_input_mode_is_one_of_three(tmp_path: Path) -> None:
+    assert config.load(write(tmp_path, MINIMAL), ["train.input=stream"]).params["input"] == "stream"
+    with pytest.raises(ConfigError, match=r"train\.input: 'disk' is not one of \['memory', "
+                                          r"'stream', 'auto'\]"):
+        config.load(write(tmp_path, MINIMAL), ["train.input=disk"])
+    with pytest.raises(ConfigError, match=r"train\.stream_buffer_mb: 0 is less than"):
+        config.load(write(tmp_path, MINIMAL), ["train.stream_buffer_mb=0"])
 
 
 def test_overrides_bare_and_dotted(tmp_path: Path) -> None:

@@ -67,3 +67,31 @@ def test_cnn_too_deep_names_the_layer() -> None:
 def test_bad_model_parameters(override: str, message: str) -> None:
     with pytest.raises(UserError, match=r"configs/smoke\.yaml: " + message):
         config.load("configs/smoke.yaml", [override])
+
+
+@pytest.mark.parametrize(("precision", "compute"), [("float16", "float16"),
+                                                    ("bfloat16", "bfloat16"), (None, "float32")])
+def test_mixed_precision_computes_low_keeps_variables_and_softmax_float32(
+        precision: str | None, compute: str) -> None:
+    from hpcdl import train
+
+    params = config.load("configs/fashion_cnn.yaml",
+                         [f"train.mixed_precision={precision or 'null'}"]).params
+    try:
+        model, _ = train._compiled_model(params, _info(), size=1)
+        hidden = model.get_layer("dense1")
+        assert hidden.compute_dtype == compute and hidden.variable_dtype == "float32"
+        assert model.get_layer("classes").compute_dtype == "float32"  # the softmax
+        assert model.output.dtype == "float32"
+        # float16 alone needs loss scaling (bfloat16 has float32's exponent range)
+        scaled = type(model.optimizer).__name__.startswith("LossScaleOptimizer")
+        assert scaled == (precision == "float16")
+    finally:  # the policy is process-wide: back to float32 for the tests after this one
+        models.build_model(config.load("configs/fashion_cnn.yaml").params, MNIST, 10)
+
+
+def _info() -> object:
+    from hpcdl import data
+
+    return data.DatasetInfo("x.h5", "fashion", 10, tuple("0123456789"), MNIST, "uint8",
+                            {"train": 10, "val": 0, "test": 0})

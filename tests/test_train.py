@@ -115,10 +115,11 @@ def test_one_rank(results: Path) -> None:
 
 
 @pytest.mark.mpi
-def test_sigterm_then_resume_equals_uninterrupted(results: Path) -> None:
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_sigterm_then_resume_equals_uninterrupted(results: Path, mode: str) -> None:
     # batch size 1 and 6 epochs: the signal, sent once epoch 1 is checkpointed, lands with
     # four epochs (~1 s each on an idle 2-core machine) still to run, however fast the machine
-    slow = ("train.batch_size=1", "train.epochs=6")
+    slow = ("train.batch_size=1", "train.epochs=6", f"train.input={mode}")
     out = results / "resumed.h5"
     command = ["mpirun", "-np", "2", "hpcdl", *train_args(results, out, *slow)]
     job = subprocess.Popen(
@@ -146,6 +147,7 @@ def test_sigterm_then_resume_equals_uninterrupted(results: Path) -> None:
     assert f"after epoch {interrupted.n_epochs}" in resumed.stderr
     final = store.read_run(out)
     assert final.attrs["stop_reason"] == "completed" and final.n_epochs == 6
+    assert {choice["mode"] for choice in final.attrs["input"]} == {mode}
     # the run's clock carries on across the resume
     elapsed = final.epochs["elapsed_seconds"]
     assert elapsed[: interrupted.n_epochs] == interrupted.epochs["elapsed_seconds"]
@@ -157,6 +159,28 @@ def test_sigterm_then_resume_equals_uninterrupted(results: Path) -> None:
     assert final.attrs["weights_sha256"] == expected.attrs["weights_sha256"]
     assert final.epochs["val_loss"] == expected.epochs["val_loss"]
     assert final.test == expected.test
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_mixed_precision_keeps_ranks_identical(results: Path, precision: str) -> None:
+    out = results / f"{precision}.h5"
+    result = run_mpi(2, "hpcdl", *train_args(results, out, f"train.mixed_precision={precision}",
+                                             "train.epochs=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = store.read_run(out)
+    assert len(set(run.attrs["weights_sha256"])) == 1 and run.epochs["val_accuracy"][-1] > 0.8
+
+
+def test_jit_compile_trains_one_rank_and_refuses_two(results: Path) -> None:
+    out = results / "xla.h5"
+    result = run_hpcdl(*train_args(results, out, "train.jit_compile=true", "train.epochs=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert store.read_run(out).attrs["params"]["jit_compile"] is True
+    refused = run_mpi(2, "hpcdl", *train_args(results, results / "xla2.h5",
+                                              "train.jit_compile=true"))
+    assert refused.returncode == 2
+    assert "train.jit_compile: true needs one rank here (2 ranks)" in refused.stderr
 
 
 def test_non_finite_loss_is_a_clean_failure(results: Path) -> None:
