@@ -70,22 +70,23 @@ class Events:
             handle.write(line)
 
 
-def epoch_logger(events: Events, report: Any = None, test: Any = None) -> Any:
+def epoch_logger(events: Events, report: Any = None) -> Any:
     """A Keras callback: per epoch, its training seconds (begin to validation start) and val
-    accuracy to `events`, then `report(logs)` (the tuner's own per-epoch report) if given.
-    test = (x, y, epochs): a fit that ends after epoch `epochs` (the full budget) is evaluated
-    on test, as hpcdl evaluates every trial that trains to its end."""
+    accuracy to `events`, then `report(logs)` (the tuner's own per-epoch report) if given."""
     from tensorflow import keras
 
     class EpochLogger(keras.callbacks.Callback):
         last_epoch = 0
 
+        def __init__(self) -> None:
+            super().__init__()
+            self.events = events
+
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
             self.began, self.trained = time.perf_counter(), None
 
         def on_test_begin(self, logs: Any = None) -> None:
-            if self.trained is None:  # fit's own validation, not our test evaluation
-                self.trained = time.perf_counter() - self.began
+            self.trained = time.perf_counter() - self.began
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             seconds = self.trained if self.trained is not None else (
@@ -96,10 +97,15 @@ def epoch_logger(events: Events, report: Any = None, test: Any = None) -> Any:
             if report is not None:
                 report(logs)
 
-        def on_train_end(self, logs: Any = None) -> None:
-            if test is not None and self.last_epoch == test[2]:
-                result = self.model.evaluate(test[0], test[1], batch_size=512, verbose=0,
-                                             return_dict=True)
-                events.write(test_accuracy=float(result["accuracy"]), epochs=self.last_epoch)
-
     return EpochLogger()
+
+
+def test_if_full(model: Any, callbacks: list[Any], test: tuple[np.ndarray, np.ndarray],
+                 epochs: int) -> None:
+    """After fit: a trial that trained to the full budget is evaluated on test, as hpcdl
+    evaluates every trial that trains to its end. (Not from a callback: evaluate() inside
+    fit's on_train_end empties the History that fit returns, which the tuner reads.)"""
+    logger = next(c for c in callbacks if hasattr(c, "events"))
+    if logger.last_epoch == epochs:
+        result = model.evaluate(*test, batch_size=512, verbose=0, return_dict=True)
+        logger.events.write(test_accuracy=float(result["accuracy"]), epochs=epochs)

@@ -44,6 +44,11 @@ def launch(args: argparse.Namespace) -> None:
 
 def search(args: argparse.Namespace) -> None:
     """This process's part of the search (the whole search when not distributed)."""
+    import tf_keras
+
+    # KerasTuner uses Keras 3 whenever `import keras` gives it Keras 3 (TensorFlow 2.18 installs
+    # it); hpcdl trains with Keras 2 (tf-keras, stack.md), so here `keras` is tf-keras.
+    sys.modules["keras"] = tf_keras
     import keras_tuner
 
     job.limit_threads()
@@ -51,27 +56,35 @@ def search(args: argparse.Namespace) -> None:
     (x, y), val, test = (job.load(dataset, split) for split in ("train", "val", "test"))
     n_classes = int(y.max()) + 1
 
-    def hypermodel(hp: Any) -> Any:
-        (w_lo, w_hi), (d_lo, d_hi) = job.SPACE["width"], job.SPACE["depth"]
-        params = {
-            "width": hp.Int("width", w_lo, w_hi, sampling="log"),
-            "depth": hp.Int("depth", d_lo, d_hi),
-            "learning_rate": hp.Float("learning_rate", *job.SPACE["learning_rate"],
-                                      sampling="log"),
-            "dropout": hp.Float("dropout", *job.SPACE["dropout"]),
-        }
-        return job.build(params, x.shape[1:], n_classes)
+    class HyperMLP(keras_tuner.HyperModel):
+        """hpcdl's MLP over the demo's space; a trial that trains to the full budget is then
+        tested (KerasTuner's documented place for custom training: HyperModel.fit)."""
+
+        def build(self, hp: Any) -> Any:
+            (w_lo, w_hi), (d_lo, d_hi) = job.SPACE["width"], job.SPACE["depth"]
+            params = {
+                "width": hp.Int("width", w_lo, w_hi, sampling="log"),
+                "depth": hp.Int("depth", d_lo, d_hi),
+                "learning_rate": hp.Float("learning_rate", *job.SPACE["learning_rate"],
+                                          sampling="log"),
+                "dropout": hp.Float("dropout", *job.SPACE["dropout"]),
+            }
+            return job.build(params, x.shape[1:], n_classes)
+
+        def fit(self, hp: Any, model: Any, *fit_args: Any, **fit_kwargs: Any) -> Any:
+            history = model.fit(*fit_args, **fit_kwargs)
+            job.test_if_full(model, fit_kwargs["callbacks"], test, args.epochs)
+            return history
 
     class Tuner(keras_tuner.Hyperband):
         """KerasTuner's Hyperband plus benchmark 9's per-epoch event line (the trial's id)."""
 
         def run_trial(self, trial: Any, *fit_args: Any, **fit_kwargs: Any) -> Any:
-            events = job.Events(args.events, f"kt-{trial.trial_id}")
-            logger = job.epoch_logger(events, test=(*test, args.epochs))
+            logger = job.epoch_logger(job.Events(args.events, f"kt-{trial.trial_id}"))
             fit_kwargs["callbacks"] = [*fit_kwargs.get("callbacks", []), logger]
             return super().run_trial(trial, *fit_args, **fit_kwargs)
 
-    tuner = Tuner(hypermodel, objective="val_accuracy", max_epochs=args.epochs, factor=3,
+    tuner = Tuner(HyperMLP(), objective="val_accuracy", max_epochs=args.epochs, factor=3,
                   seed=args.seed, directory=args.directory, project_name=f"seed{args.seed}")
     tuner.search(x, y, validation_data=val, batch_size=job.BATCH_SIZE, verbose=0)
     if os.environ.get("KERASTUNER_TUNER_ID", "chief") == "chief":

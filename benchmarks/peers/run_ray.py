@@ -24,10 +24,11 @@ def trainable(config: dict[str, Any], dataset: str, events_path: str, epochs: in
     model = job.build(config, x.shape[1:], int(y.max()) + 1)
     events = job.Events(events_path, f"ray-{tune.get_context().get_trial_id()}")
     logger = job.epoch_logger(
-        events, report=lambda logs: tune.report({"val_accuracy": float(logs["val_accuracy"])}),
-        test=(*job.load(Path(dataset), "test"), epochs))
+        events, report=lambda logs: tune.report({"val_accuracy": float(logs["val_accuracy"])}))
     model.fit(x, y, batch_size=job.BATCH_SIZE, epochs=epochs, validation_data=val,
               verbose=0, callbacks=[logger])
+    # ASHA stops a trial by not resuming it after a report: here, all epochs ran
+    job.test_if_full(model, [logger], job.load(Path(dataset), "test"), epochs)
 
 
 def main() -> None:
