@@ -92,7 +92,7 @@ def hpcdl_events(config_path: Path) -> list[dict]:
     started = {t.number: t.datetime_start.timestamp()
                for t in study.open_study(cfg).get_trials(deepcopy=False) if t.datetime_start}
     events = []
-    for path in sorted(cfg.paths.trials.glob("*.h5")):
+    for path in sorted(cfg.paths.trials_dir.glob("*.h5")):
         run = store.read_run(path)
         number, epochs = int(path.stem), run.epochs
         t0 = started[number]
@@ -190,7 +190,7 @@ def plot(runs: Sequence[curves.RunFigures], figure: Path) -> None:
     for run in runs:
         if not run.curve:
             continue
-        xs, ys = zip(*run.curve, strict=True)
+        xs, ys = zip(*run.curve, (run.wall_seconds, run.curve[-1][1]), strict=True)
         ax.step([x / 60 for x in xs], ys, where="post", color=colours[run.system], alpha=0.8,
                 label=None if run.system in labelled else run.system)
         labelled.add(run.system)
@@ -290,7 +290,9 @@ def main() -> None:
         "best val counts every trained epoch of every trial; test accuracy is that of the "
         "best trial trained to its full budget; memory is the peak of the summed PSS of all "
         "the run's processes; 'outside epochs' is the share of the slots' wall time not spent "
-        f"in training epochs. Figure: [{figure.name}]({figure.name}). Goal: {verdict(runs)}.")
+        f"in training epochs. Figure: [{figure.name}]({figure.name}). Goal: {verdict(runs)}."
+        + (" Quick mode: a smoke run proving the pipeline end to end, not a measurement."
+           if args.quick else ""))
 
 
 def peer_versions() -> str:

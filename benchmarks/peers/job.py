@@ -72,7 +72,7 @@ class Events:
 
 def epoch_logger(events: Events, report: Any = None) -> Any:
     """A Keras callback: per epoch, its training seconds (begin to validation start) and val
-    accuracy to `events`, then `report(logs)` (the tuner's own per-epoch report) if given."""
+    accuracy to `events`, then `report(epoch, logs)` (the tuner's own report) if given."""
     from tensorflow import keras
 
     class EpochLogger(keras.callbacks.Callback):
@@ -95,17 +95,14 @@ def epoch_logger(events: Events, report: Any = None) -> Any:
             events.write(epoch=epoch + 1, val_accuracy=float(logs["val_accuracy"]),
                          train_seconds=seconds)
             if report is not None:
-                report(logs)
+                report(epoch + 1, logs)
 
     return EpochLogger()
 
 
-def test_if_full(model: Any, callbacks: list[Any], test: tuple[np.ndarray, np.ndarray],
-                 epochs: int) -> None:
-    """After fit: a trial that trained to the full budget is evaluated on test, as hpcdl
-    evaluates every trial that trains to its end. (Not from a callback: evaluate() inside
-    fit's on_train_end empties the History that fit returns, which the tuner reads.)"""
-    logger = next(c for c in callbacks if hasattr(c, "events"))
-    if logger.last_epoch == epochs:
-        result = model.evaluate(*test, batch_size=512, verbose=0, return_dict=True)
-        logger.events.write(test_accuracy=float(result["accuracy"]), epochs=epochs)
+def record_test(model: Any, test: tuple[np.ndarray, np.ndarray], events: Events,
+                epochs: int) -> None:
+    """A trial that trained to the full budget is evaluated on test, as hpcdl evaluates every
+    trial that trains to its end."""
+    result = model.evaluate(*test, batch_size=512, verbose=0, return_dict=True)
+    events.write(test_accuracy=float(result["accuracy"]), epochs=epochs)

@@ -72,8 +72,12 @@ def search(args: argparse.Namespace) -> None:
             return job.build(params, x.shape[1:], n_classes)
 
         def fit(self, hp: Any, model: Any, *fit_args: Any, **fit_kwargs: Any) -> Any:
+            # after fit, not in a callback: evaluate() inside fit's on_train_end empties the
+            # History that fit returns and KerasTuner reads (every trial then fails)
             history = model.fit(*fit_args, **fit_kwargs)
-            job.test_if_full(model, fit_kwargs["callbacks"], test, args.epochs)
+            logger = next(c for c in fit_kwargs["callbacks"] if hasattr(c, "events"))
+            if logger.last_epoch == args.epochs:
+                job.record_test(model, test, logger.events, args.epochs)
             return history
 
     class Tuner(keras_tuner.Hyperband):

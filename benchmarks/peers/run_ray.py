@@ -23,12 +23,16 @@ def trainable(config: dict[str, Any], dataset: str, events_path: str, epochs: in
     (x, y), val = job.load(Path(dataset), "train"), job.load(Path(dataset), "val")
     model = job.build(config, x.shape[1:], int(y.max()) + 1)
     events = job.Events(events_path, f"ray-{tune.get_context().get_trial_id()}")
-    logger = job.epoch_logger(
-        events, report=lambda logs: tune.report({"val_accuracy": float(logs["val_accuracy"])}))
+    test = job.load(Path(dataset), "test")
+
+    def report(epoch: int, logs: dict[str, float]) -> None:
+        # ASHA stops the trial at the report of its last epoch (max_t): test before it
+        if epoch == epochs:
+            job.record_test(model, test, events, epochs)
+        tune.report({"val_accuracy": float(logs["val_accuracy"])})
+
     model.fit(x, y, batch_size=job.BATCH_SIZE, epochs=epochs, validation_data=val,
-              verbose=0, callbacks=[logger])
-    # ASHA stops a trial by not resuming it after a report: here, all epochs ran
-    job.test_if_full(model, [logger], job.load(Path(dataset), "test"), epochs)
+              verbose=0, callbacks=[job.epoch_logger(events, report=report)])
 
 
 def main() -> None:
