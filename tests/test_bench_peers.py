@@ -91,3 +91,16 @@ def test_peer_packages_never_enter_the_runtime() -> None:
         names = [line.split("=")[0].split("[")[0].strip().lower()
                  for line in (REPO / pins).read_text().splitlines()]
         assert not {"ray", "keras-tuner", "keras_tuner"} & set(names), pins
+
+
+def test_figures_of_a_recorded_ray_run() -> None:
+    """tests/data/peers_ray_events.jsonl: Ray Tune's quick run (6 trials of <= 3 epochs, ASHA
+    stopped two after 1 epoch; those have no test result)."""
+    events = curves.read_events(REPO / "tests" / "data" / "peers_ray_events.jsonl")
+    t0 = 1796235325.8327143  # the first epoch's end
+    run = curves.figures("ray", 0, events, t0, t0 + 180, 2, 0.0, (0.86, 0.865, 0.9))
+    assert (run.trials, run.trial_epochs) == (6, 14)
+    assert run.to_targets[0.86] == pytest.approx(1796235336.9323626 - t0)
+    assert run.to_targets[0.865] == pytest.approx(1796235498.3382852 - t0)
+    assert run.to_targets[0.9] is None
+    assert (round(run.best_val, 4), round(run.test, 4)) == (0.8673, 0.8646)
