@@ -147,7 +147,7 @@ def launch(system: str, seed: int, args: argparse.Namespace, run_dir: Path,
     if system == "ray":
         command = [str(peer_venv("ray")), str(PEERS / "run_ray.py"), *common, "--storage",
                    str(run_dir), "--trials", str(args.trials), "--concurrent",
-                   str(args.concurrent)]
+                   str(args.concurrent), *(["--reuse-actors"] if args.ray_reuse_actors else [])]
     else:
         command = [str(peer_venv("kerastuner")), str(PEERS / "run_kt.py"), *common,
                    "--directory", str(run_dir), "--workers", str(args.kt_workers)]
@@ -266,6 +266,8 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=2, help="concurrent trials")
     parser.add_argument("--kt-workers", type=int, default=2,
                         help="KerasTuner workers (distributed mode if > 1)")
+    parser.add_argument("--ray-reuse-actors", action="store_true",
+                        help="sensitivity check: Ray reuses trial processes (its default: not)")
     parser.add_argument("--timeout", type=float, default=3600, help="cap per run, seconds")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     args = parser.parse_args()
@@ -278,19 +280,26 @@ def main() -> None:
     runs = [run_system(system, seed, args)  # systems alternate seed by seed
             for seed in range(args.seeds) for system in systems]
     plot(runs, figure)
-    append_results(
-        "9. hpcdl vs Ray Tune vs KerasTuner on the demo's sweep", table(runs),
+    append_results("9. hpcdl vs Ray Tune vs KerasTuner on the demo's sweep", table(runs),
+                   notes(args, figure, runs))
+
+
+def notes(args: argparse.Namespace, figure: Path, runs: Sequence[curves.RunFigures]) -> str:
+    """What ran and how the figures are defined, and the verdict on the issue's goal."""
+    return (
         f"Job: {args.trials} trials (KerasTuner: one Hyperband iteration) of up to "
         f"{args.epochs} epochs, {args.concurrent} concurrent trials of 1 process / 1 TF thread "
-        f"(KerasTuner: chief + {args.kt_workers} worker(s)); Fashion-MNIST 54000 train / 6000 "
-        "val / 10000 test from hpcdl's dataset file; hpcdl's MLP builder (imported in the peer "
-        "venvs), width 32-512 (log), depth 1-3, lr 1e-4-1e-2 (log), dropout 0-0.5, batch 128, "
-        "Adam; TensorFlow 2.18.1 + tf-keras 2.18.0 everywhere. hpcdl: TPE + Hyperband, 2 "
-        "`hpcdl worker`. Peer venvs: " + peer_versions() + ". Times from each system's start; "
-        "best val counts every trained epoch of every trial; test accuracy is that of the "
-        "best trial trained to its full budget; memory is the peak of the summed PSS of all "
-        "the run's processes; 'outside epochs' is the share of the slots' wall time not spent "
-        f"in training epochs. Figure: [{figure.name}]({figure.name}). Goal: {verdict(runs)}."
+        f"(KerasTuner: chief + {args.kt_workers} worker(s)); Ray reuse_actors "
+        f"{args.ray_reuse_actors} (Ray's default False: a new process per trial); "
+        "Fashion-MNIST 54000 train / 6000 val / 10000 test from hpcdl's dataset file; hpcdl's "
+        "MLP builder (imported in the peer venvs), width 32-512 (log), depth 1-3, lr 1e-4-1e-2 "
+        "(log), dropout 0-0.5, batch 128, Adam; TensorFlow 2.18.1 + tf-keras 2.18.0 "
+        "everywhere. hpcdl: TPE + Hyperband, 2 `hpcdl worker`. Peer venvs: "
+        f"{peer_versions()}. Times from each system's start; best val counts every trained "
+        "epoch of every trial; test accuracy is that of the best trial trained to its full "
+        "budget; memory is the peak of the summed PSS of all the run's processes; 'outside "
+        "epochs' is the share of the slots' wall time not spent in training epochs. Figure: "
+        f"[{figure.name}]({figure.name}). Goal: {verdict(runs)}."
         + (" Quick mode: a smoke run proving the pipeline end to end, not a measurement."
            if args.quick else ""))
 

@@ -36,8 +36,11 @@ def limit_threads() -> None:
     """One TensorFlow thread per trial, as hpcdl's `intra_op_threads: 1` gives each rank."""
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # a reused process (Ray's reuse_actors): set by its first trial
+        pass
 
 
 def load(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

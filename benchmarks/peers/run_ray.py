@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--concurrent", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse-actors", action="store_true",
+                        help="TuneConfig(reuse_actors=True); Ray's default is a new process "
+                        "per trial")
     args = parser.parse_args()
 
     import ray
@@ -66,7 +69,7 @@ def main() -> None:
         param_space=space,
         tune_config=tune.TuneConfig(
             metric="val_accuracy", mode="max", num_samples=args.trials,
-            max_concurrent_trials=args.concurrent,
+            max_concurrent_trials=args.concurrent, reuse_actors=args.reuse_actors,
             search_alg=OptunaSearch(seed=args.seed),
             scheduler=ASHAScheduler(max_t=args.epochs)),
         run_config=tune.RunConfig(storage_path=str(Path(args.storage).resolve()),
