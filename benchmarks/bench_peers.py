@@ -155,7 +155,8 @@ def launch(system: str, seed: int, args: argparse.Namespace, run_dir: Path,
 
 
 def run_system(system: str, seed: int, args: argparse.Namespace) -> curves.RunFigures:
-    """One system's sweep from scratch, measured."""
+    """One system's sweep from scratch, measured; its events and timing kept in its run
+    directory (results/bench/peers/<system>-seed<n>/), so --report-only can redo the figures."""
     run_dir = WORK / f"{system}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -169,12 +170,22 @@ def run_system(system: str, seed: int, args: argparse.Namespace) -> curves.RunFi
     if system == "hpcdl":
         events = hpcdl_events(WORK / f"hpcdl-seed{seed}.yaml")
         events_path.write_text("".join(json.dumps(e) + "\n" for e in events))
-    else:
-        events = curves.read_events(events_path) if events_path.exists() else []
     slots = args.concurrent if system != "kerastuner" else args.kt_workers
-    result = curves.figures(system, seed, events, t0, t_end, slots, memory.peak, TARGETS)
+    (run_dir / "run.json").write_text(json.dumps(
+        {"system": system, "seed": seed, "t0": t0, "t_end": t_end, "slots": slots,
+         "peak_mib": memory.peak}))
+    result = recorded_run(run_dir)
     print(f"  {result}", flush=True)
     return result
+
+
+def recorded_run(run_dir: Path) -> curves.RunFigures:
+    """A run's figures from what its run directory kept."""
+    meta = json.loads((run_dir / "run.json").read_text())
+    events_path = run_dir / "events.jsonl"
+    events = curves.read_events(events_path) if events_path.exists() else []
+    return curves.figures(meta["system"], meta["seed"], events, meta["t0"], meta["t_end"],
+                          meta["slots"], meta["peak_mib"], TARGETS)
 
 
 def plot(runs: Sequence[curves.RunFigures], figure: Path) -> None:
@@ -237,12 +248,13 @@ def table(runs: Sequence[curves.RunFigures]) -> list[list[str]]:
 def verdict(runs: Sequence[curves.RunFigures]) -> str:
     """The issue's goal: hpcdl reaches each target in <= 0.8x the best peer's median wall time,
     with equal or better final accuracy."""
+    systems = [s for s in SYSTEMS if any(run.system == s for run in runs)]
     parts = []
     for target in TARGETS:
         medians = {s: curves.median_time([r.to_targets[target] for r in runs if r.system == s])
-                   for s in SYSTEMS}
+                   for s in systems}
         peers = [m for s, m in medians.items() if s != "hpcdl" and m is not None]
-        ours = medians["hpcdl"]
+        ours = medians.get("hpcdl")
         if ours is None:
             parts.append(f"{target}: hpcdl's median run did not reach it")
         elif not peers:
@@ -251,7 +263,7 @@ def verdict(runs: Sequence[curves.RunFigures]) -> str:
             ratio = ours / min(peers)
             parts.append(f"{target}: hpcdl {ours / 60:.1f} min = {ratio:.2f}x the best peer's "
                          f"{min(peers) / 60:.1f} min ({'met' if ratio <= 0.8 else 'not met'})")
-    best = {s: statistics.median([r.best_val for r in runs if r.system == s]) for s in SYSTEMS}
+    best = {s: statistics.median([r.best_val for r in runs if r.system == s]) for s in systems}
     parts.append("median best val " + ", ".join(f"{s} {v:.4f}" for s, v in best.items()))
     return "; ".join(parts)
 
@@ -270,6 +282,8 @@ def main() -> None:
                         help="sensitivity check: Ray reuses trial processes (its default: not)")
     parser.add_argument("--timeout", type=float, default=3600, help="cap per run, seconds")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--report-only", action="store_true",
+                        help="no runs: table, plot and RESULTS.md from the kept run directories")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.trials, args.epochs, args.timeout = 1, 6, 3, 600
@@ -277,9 +291,10 @@ def main() -> None:
     figure = FIGURE.with_name("peers_curves-quick.png") if args.quick else FIGURE
     WORK.mkdir(parents=True, exist_ok=True)
     fashion_mnist(WORK)
-    # systems alternate seed by seed, and who goes first rotates (no side always starts cold)
-    runs = [run_system(system, seed, args) for seed in range(args.seeds)
-            for system in systems[seed % len(systems):] + systems[:seed % len(systems)]]
+    order = [(seed, system) for seed in range(args.seeds)  # alternate; who starts rotates
+             for system in systems[seed % len(systems):] + systems[:seed % len(systems)]]
+    runs = [recorded_run(WORK / f"{system}-seed{seed}") if args.report_only
+            else run_system(system, seed, args) for seed, system in order]
     plot(runs, figure)
     append_results("9. hpcdl vs Ray Tune vs KerasTuner on the demo's sweep", table(runs),
                    notes(args, figure, runs))

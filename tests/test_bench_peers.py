@@ -104,3 +104,20 @@ def test_figures_of_a_recorded_ray_run() -> None:
     assert run.to_targets[0.865] == pytest.approx(1796235498.3382852 - t0)
     assert run.to_targets[0.9] is None
     assert (round(run.best_val, 4), round(run.test, 4)) == (0.8673, 0.8646)
+
+
+def run_of(system: str, seed: int, to_885: float | None, best: float) -> curves.RunFigures:
+    return curves.RunFigures(system, seed, 600.0, {0.885: to_885, 0.895: None}, 24, 300, best,
+                             None, 1000.0, 0.1)
+
+
+def test_verdict_compares_medians_with_the_best_peers() -> None:
+    bench_peers = pytest.importorskip("bench_peers")
+    runs = [run_of("hpcdl", s, t, 0.89) for s, t in enumerate((60.0, 70.0, 400.0))]
+    runs += [run_of("ray", s, t, 0.888) for s, t in enumerate((100.0, 110.0, None))]
+    runs += [run_of("kerastuner", s, None, 0.87) for s in range(3)]
+    text = bench_peers.verdict(runs)
+    assert "0.885: hpcdl 1.2 min = 0.64x the best peer's 1.8 min (met)" in text
+    assert "0.895: hpcdl's median run did not reach it" in text
+    # a run of some systems only (--systems) still gets a verdict
+    assert "0.885: hpcdl 1.2 min, no peer's" in bench_peers.verdict(runs[:3] + runs[6:])
