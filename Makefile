@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONPATH := $(CURDIR)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench bench-quick
+.PHONY: setup demo test lint bench bench-quick peer-venvs
 setup:
 	bash .ci/install.sh
 
@@ -39,7 +39,19 @@ bench: setup
 	cd benchmarks && python bench_overhead.py $(BENCH_ARGS) && python bench_scaling.py $(BENCH_ARGS) \
 	  && python bench_storage.py $(BENCH_ARGS) && python bench_sweep.py $(BENCH_ARGS) \
 	  && python bench_accuracy.py $(BENCH_ARGS) && python bench_memory.py $(BENCH_ARGS) \
-	  && python bench_pipeline.py $(BENCH_ARGS) && python bench_stream.py $(BENCH_ARGS)
+	  && python bench_pipeline.py $(BENCH_ARGS) && python bench_stream.py $(BENCH_ARGS) \
+	  && python bench_peers.py $(BENCH_ARGS)
 
 bench-quick:
 	$(MAKE) bench BENCH_ARGS=--quick
+
+# Benchmark 9's peers (Ray Tune, KerasTuner) in venvs of their own, from pinned requirement
+# files; never the runtime venv or the image. bench_peers.py calls this when one is missing.
+PEER_PYTHON ?= python3
+peer-venvs: benchmarks/.venv-ray/.installed benchmarks/.venv-kt/.installed
+
+benchmarks/.venv-%/.installed: benchmarks/peers/requirements-%.txt
+	rm -rf benchmarks/.venv-$*
+	$(PEER_PYTHON) -m venv benchmarks/.venv-$*
+	benchmarks/.venv-$*/bin/pip install --quiet -r $<
+	touch $@
