@@ -188,3 +188,20 @@ def test_a_prune_decision_through_the_proxy_sees_trials_finished_just_before(
         finish([start(cfg, 0, value=0.9)])  # another process finishes the other three trials
         assert trial.should_prune()  # 0.1 against a median of 0.9 at step 1
         assert sum(t.state == TrialState.COMPLETE for t in s.get_trials()) == 3
+
+
+def test_a_listing_through_the_proxy_shows_trials_created_just_before(tmp_path: Path) -> None:
+    # the surplus check relies on it: every trial numbered below one's own must be counted
+    cfg = write_sweep_config(tmp_path, storage=storage_url("grpc", tmp_path),
+                             search={"n_trials": 2, "sampler": "random", "pruner": "none"})
+    loaded = config.load(cfg)
+    ask = ("import sys; from hpcdl import config, study; "
+           "study.open_study(config.load(sys.argv[1]), 1).ask()")
+    with proxy(cfg):
+        s = study.open_study(loaded, 0)
+        assert s.get_trials() == []  # the proxy now holds a listing
+        subprocess.run([sys.executable, "-c", ask, str(cfg)], env=hpcdl_env(), check=True)
+        subprocess.run([sys.executable, "-c", ask, str(cfg)], env=hpcdl_env(), check=True)
+        mine = s.ask()
+        assert [t.number for t in s.get_trials()] == [0, 1, 2]
+        assert study.is_surplus(s, mine, loaded)  # two trials below it claim the budget of 2
