@@ -45,8 +45,12 @@ EPOCHS = 10  # reports per trial (the op model's and the projection's trial)
 HEARTBEAT_S = 30.0  # the config's default: beats per trial = trial seconds / 30
 OPMODEL_PACE = 0.02  # seconds per epoch in the op model, so that its heartbeats fire
 OPMODEL_HEARTBEAT_S = 0.05
+OPMODEL_TRIALS = 10
 CACHE = Path(tempfile.gettempdir()) / "hpcdl-bench-storage"  # prefilled studies, reused
 KINDS = ("journal", "sqlite", "postgresql", "grpc")
+# storage methods that read the storage object's own settings, not the storage: not counted
+SETTINGS = {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
+STRAGGLER_S = 30.0  # after a contention run, how long a process may take to end its trial
 
 
 # ---------------------------------------------------------------- counting storage calls
@@ -64,7 +68,7 @@ class Counter:
     def wrap(self, storage: Any) -> None:
         for name in dir(storage):
             method = getattr(storage, name)
-            if name.startswith("_") or not callable(method):
+            if name.startswith("_") or not callable(method) or name in SETTINGS:
                 continue
             setattr(storage, name, self._counted(name, method))
 
@@ -185,25 +189,31 @@ def template_trials(n: int) -> list[Any]:
 
 def prefill(url: str, work: Path, n: int) -> None:
     """The study, created as the first worker does, holding n finished trials."""
+    import optuna
+
     from hpcdl import config, study
 
-    cfg = config.load(config_for(work, url))
-    s = study.open_study(cfg)
+    study.open_study(config.load(config_for(work, url)))
     if n:
-        s.add_trials(template_trials(n))
+        # PostgreSQL: commits not waiting for the disk (one per trial), else 10,000 take long
+        fast = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {
+            "options": "-c synchronous_commit=off"}}) if url.startswith("postgresql") else None
+        optuna.load_study(study_name="bench", storage=fast or study.open_storage(
+            config.load(config_for(work, url)))).add_trials(template_trials(n))
 
 
 def prefilled_file(kind: str, n: int) -> Path:
     """A journal or SQLite file holding the prefilled study, made once and then copied."""
     path = CACHE / f"{kind}-{n}" / ("bench" if kind == "journal" else "study.sqlite")
     if not path.exists():
-        work = path.parent / "work"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        # made in memory (/dev/shm), where a commit does not wait for the disk
+        work = Path(tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
         url = "journal" if kind == "journal" else f"sqlite:///{work}/study.sqlite"
         in_child(prefill, url, work, n)
         made = work / "bench" / "study.journal" if kind == "journal" else work / "study.sqlite"
-        made.rename(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(made, path.with_suffix(".part"))
+        path.with_suffix(".part").rename(path)
         shutil.rmtree(work)
     return path
 
@@ -318,9 +328,9 @@ def opmodel_child(url: str, work: str, trials: int, out: str) -> None:
     cfg = config.load(config_for(Path(work), url))
     counter = Counter()
     w = rank0_worker(cfg, 0, counter)
-    for i in range(trials):
+    for _ in range(trials):
         run_trial(w, counter, OPMODEL_PACE, OPMODEL_HEARTBEAT_S,
-                  lambda epoch, i=i: 0.5 + 0.04 * epoch + 0.002 * (i % 7))
+                  lambda epoch: 0.95 + 0.001 * epoch)  # above the median: never pruned
     result = {f"{phase}/{name}": calls for (phase, name), calls in counter.calls.items()}
     Path(out).write_text(json.dumps({"trials": trials, "calls": result}))
 
@@ -352,7 +362,7 @@ def opmodel_tables(results: dict[tuple[str, int], dict[str, Any]], sizes: tuple[
 # ---------------------------------------------------------------- part 2: contention
 
 
-def contention_child(url: str, work: str, worker_id: int, seconds: float,
+def contention_child(url: str, work: str, worker_id: int, seconds: float, pace: float,
                      queue: Any) -> None:
     """Trials back to back until `seconds` pass: (told, call latencies, errors)."""
     from hpcdl import config
@@ -366,8 +376,8 @@ def contention_child(url: str, work: str, worker_id: int, seconds: float,
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
-                number = run_trial(w, counter, 0.0, HEARTBEAT_S,
-                                   lambda epoch: 0.5 + 0.01 * epoch)
+                number = run_trial(w, counter, pace, HEARTBEAT_S,
+                                   lambda epoch: 0.95 + 0.001 * epoch)
                 state = w.study._storage.get_trial(w.trial._trial_id).state
                 told.append((number, state.name))
             except Exception as exc:
@@ -380,24 +390,23 @@ def contention_child(url: str, work: str, worker_id: int, seconds: float,
 
 
 def contention(kind: str, n: int, processes: int, seconds: float, pg: Postgres | None,
-               tree: Path = TREE) -> list[str]:
+               tree: Path = TREE, pace: float = 0.0) -> list[str]:
     import optuna
 
     from hpcdl import config, study
 
     name = kind if tree == TREE else f"{kind} (before: {tree.name})"
+    name += f", paced {pace * EPOCHS:g}-s trials" if pace else ""
     with tempfile.TemporaryDirectory() as tmp, storage_at(kind, n, Path(tmp), pg, tree) as url:
         queue = mp.get_context("fork").Queue()
         procs = [mp.get_context("fork").Process(
-            target=contention_child, args=(url, tmp, i, seconds, queue))
+            target=contention_child, args=(url, tmp, i, seconds, pace, queue))
             for i in range(processes)]
         began = time.perf_counter()
         for p in procs:
             p.start()
-        results = [queue.get() for _ in procs]
+        results = collect(queue, procs, seconds + STRAGGLER_S)
         elapsed = time.perf_counter() - began
-        for p in procs:
-            p.join()
         stored = optuna.load_study(study_name="bench", storage=study.open_storage(
             config.load(config_for(Path(tmp), url)))).get_trials(deepcopy=False)
     told = [t for r in results for t in r[0]]
@@ -407,15 +416,40 @@ def contention(kind: str, n: int, processes: int, seconds: float, pg: Postgres |
     lost = sum(1 for number, state in told if by_number.get(number) != state)
     duplicated = len(told) - len({number for number, _ in told})
     p99 = latencies[int(0.99 * (len(latencies) - 1))] if latencies else float("nan")
+    per_trial = f"{sum(latencies) / len(told):.0f}" if told else "-"
     return [name, f"{n:,}", str(processes), str(len(told)), f"{len(latencies) / elapsed:.0f}",
-            f"{statistics.median(latencies):.1f}" if latencies else "-", f"{p99:.0f}",
+            f"{statistics.median(latencies):.1f}" if latencies else "-", f"{p99:.0f}", per_trial,
             str(lost), str(duplicated), f"{len(errors)}" + (f" ({errors[0]})" if errors else "")]
 
 
-def fits_in_memory(processes: int, mib_each: float = 90.0) -> bool:
+def collect(queue: Any, procs: list[Any], seconds: float) -> list[Any]:
+    """Every process's results; one still inside a storage call after `seconds` is killed
+    and counted as an error (SQLite under many writers can wait that long for its lock)."""
+    import queue as queues
+
+    results, deadline = [], time.monotonic() + seconds
+    for _ in procs:
+        try:
+            results.append(queue.get(timeout=max(0.1, deadline - time.monotonic())))
+        except queues.Empty:
+            break
+    for p in procs:
+        p.join(timeout=max(0.1, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+    stuck = len(procs) - len(results)
+    return results + [([], [], ["killed: still in a storage call"])] * stuck
+
+
+def fits_in_memory(kind: str, n: int, processes: int) -> bool:
+    """Will the processes' own memory (measured: 35 MiB, plus per 1,000 trials in the study
+    22 MiB with an RDB's client cache, 3-5 MiB for journal and gRPC) take at most half of
+    what is available? Other helpers share the machine."""
+    mib_each = 35 + n / 1000 * (22 if kind in ("sqlite", "postgresql") else 5)
     available = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text()
                      .splitlines() if line.startswith("MemAvailable")) / 1024
-    return processes * mib_each < 0.7 * available
+    return processes * mib_each < 0.5 * available
 
 
 # ---------------------------------------------------------------- projection
@@ -458,6 +492,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="0,2000,10000")
     parser.add_argument("--seconds", type=float, default=12.0, help="per contention run")
     parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--paced", type=float, default=0.0, metavar="S",
+                        help="then each storage at its largest process count and study with "
+                        f"S seconds of sleep per epoch ({EPOCHS} epochs a trial)")
+    parser.add_argument("--pg-max-size", type=int, default=2000,
+                        help="largest study on PostgreSQL (filling one with 10,000 trials "
+                        "takes about 10 min on 2 shared cores)")
     parser.add_argument("--before", help="also serve the gRPC proxy with this git revision's "
                         "hpcdl, side by side (e.g. main)")
     args = parser.parse_args()
@@ -470,7 +510,7 @@ def main() -> None:
     try:
         if pg:
             pg.start()
-        run_all(kinds, counts, sizes, seconds, pg, before)
+        run_all(kinds, counts, sizes, seconds, pg, before, args.pg_max_size, args.paced)
     finally:
         if pg:
             pg.stop()
@@ -489,27 +529,38 @@ def export_tree(rev: str) -> Path:
 
 
 def run_all(kinds: list[str], counts: tuple[int, ...], sizes: tuple[int, ...],
-            seconds: float, pg: Postgres | None, before: Path | None) -> None:
+            seconds: float, pg: Postgres | None, before: Path | None, pg_max: int,
+            paced: float) -> None:
     models = {}
     for kind in kinds:
         for n in sizes:
-            models[(kind, n)] = opmodel(kind, n, 20, pg)
+            if kind == "postgresql" and n > pg_max:
+                continue
+            models[(kind, n)] = opmodel(kind, n, OPMODEL_TRIALS, pg)
             print(f"op model {kind} {n}: done", flush=True)
     table = [["storage", "study size", "processes", "trials", "storage calls/s",
-              "p50 ms/call", "p99 ms/call", "lost", "duplicated", "errors"]]
+              "p50 ms/call", "p99 ms/call", "storage ms/trial (mean)", "lost", "duplicated",
+              "errors"]]
     capacity: dict[tuple[str, int], float] = {}
     for n in sizes:
         for processes in counts:
-            if not fits_in_memory(processes):
-                print(f"{processes} processes: skipped, not enough memory", flush=True)
-                continue
             for kind in kinds:
+                if not fits_in_memory(kind, n, processes) or (
+                        kind == "postgresql" and n > pg_max):
+                    print(f"{kind} {n} {processes}: skipped (memory or size)", flush=True)
+                    continue
                 table.append(contention(kind, n, processes, seconds, pg))
                 capacity[(kind, n)] = max(capacity.get((kind, n), 0), float(table[-1][4]))
                 print(" | ".join(table[-1]), flush=True)
                 if before and kind == "grpc":
                     table.append(contention(kind, n, processes, seconds, pg, before))
                     print(" | ".join(table[-1]), flush=True)
+    for kind in kinds if paced else ():
+        largest = max((c for c in counts if fits_in_memory(kind, sizes[-1], c)), default=1)
+        n = min(sizes[-1], pg_max) if kind == "postgresql" else sizes[-1]
+        table.append(contention(kind, n, largest, max(seconds, 3 * paced * EPOCHS), pg,
+                                pace=paced))
+        print(" | ".join(table[-1]), flush=True)
     projected = [["storage", "study size", "capacity calls/s"]
                  + [f"{t} s trial: {c}" for t in (60, 600)
                     for c in ("calls/trial", "ms/trial alone", "workers at < 1 %")]]
@@ -521,9 +572,9 @@ def write_results(model: list[list[str]], table: list[list[str]],
                   projected: list[list[str]], seconds: float) -> None:
     append_results(
         "3a. Study storage: the op model of one worker (issue 21)", model,
-        f"One process runs 20 trials with hpcdl's rank-0 worker code (Worker.next_plan, "
-        f"decide_prune per epoch, the heartbeat thread, _tell_result; sampler random, median "
-        f"pruner, {EPOCHS} epochs, {OPMODEL_PACE} s each, heartbeat every "
+        f"One process runs {OPMODEL_TRIALS} trials with hpcdl's rank-0 worker code "
+        "(Worker.next_plan, decide_prune per epoch, the heartbeat thread, _tell_result; "
+        f"sampler random, median pruner, {EPOCHS} epochs, {OPMODEL_PACE} s each, heartbeat every "
         f"{OPMODEL_HEARTBEAT_S} s so that beats are measured) against a study already holding "
         "0 / 2,000 / 10,000 finished trials. Every call to the storage object is counted "
         "and timed (its methods wrapped by the benchmark; outermost calls only), by phase: "
