@@ -45,12 +45,12 @@ EPOCHS = 10  # reports per trial (the op model's and the projection's trial)
 HEARTBEAT_S = 30.0  # the config's default: beats per trial = trial seconds / 30
 OPMODEL_PACE = 0.02  # seconds per epoch in the op model, so that its heartbeats fire
 OPMODEL_HEARTBEAT_S = 0.05
-OPMODEL_TRIALS = 10
+OPMODEL_TRIALS = 6
 CACHE = Path(tempfile.gettempdir()) / "hpcdl-bench-storage"  # prefilled studies, reused
 KINDS = ("journal", "sqlite", "postgresql", "grpc")
 # storage methods that read the storage object's own settings, not the storage: not counted
 SETTINGS = {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
-STRAGGLER_S = 30.0  # after a contention run, how long a process may take to end its trial
+STRAGGLER_S = 15.0  # after a contention run, how long a process may take to end its trial
 
 
 # ---------------------------------------------------------------- counting storage calls
@@ -362,7 +362,7 @@ def opmodel_tables(results: dict[tuple[str, int], dict[str, Any]], sizes: tuple[
 # ---------------------------------------------------------------- part 2: contention
 
 
-def contention_child(url: str, work: str, worker_id: int, seconds: float, pace: float,
+def contention_child(cfg_path: Path, worker_id: int, seconds: float, pace: float,
                      queue: Any) -> None:
     """Trials back to back until `seconds` pass: (told, call latencies, errors)."""
     from hpcdl import config
@@ -371,8 +371,7 @@ def contention_child(url: str, work: str, worker_id: int, seconds: float, pace: 
     errors: list[str] = []
     counter = Counter()
     try:
-        cfg = config.load(config_for(Path(work), url))
-        w = rank0_worker(cfg, worker_id, counter)
+        w = rank0_worker(config.load(cfg_path), worker_id, counter)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
@@ -398,9 +397,10 @@ def contention(kind: str, n: int, processes: int, seconds: float, pg: Postgres |
     name = kind if tree == TREE else f"{kind} (before: {tree.name})"
     name += f", paced {pace * EPOCHS:g}-s trials" if pace else ""
     with tempfile.TemporaryDirectory() as tmp, storage_at(kind, n, Path(tmp), pg, tree) as url:
+        cfg_path = config_for(Path(tmp), url)  # once: a child must not read it half-written
         queue = mp.get_context("fork").Queue()
         procs = [mp.get_context("fork").Process(
-            target=contention_child, args=(url, tmp, i, seconds, pace, queue))
+            target=contention_child, args=(cfg_path, i, seconds, pace, queue))
             for i in range(processes)]
         began = time.perf_counter()
         for p in procs:
@@ -408,7 +408,7 @@ def contention(kind: str, n: int, processes: int, seconds: float, pg: Postgres |
         results = collect(queue, procs, seconds + STRAGGLER_S)
         elapsed = time.perf_counter() - began
         stored = optuna.load_study(study_name="bench", storage=study.open_storage(
-            config.load(config_for(Path(tmp), url)))).get_trials(deepcopy=False)
+            config.load(cfg_path))).get_trials(deepcopy=False)
     told = [t for r in results for t in r[0]]
     latencies = sorted(s * 1000 for r in results for s in r[1])
     errors = [e for r in results for e in r[2]]
@@ -538,6 +538,8 @@ def run_all(kinds: list[str], counts: tuple[int, ...], sizes: tuple[int, ...],
                 continue
             models[(kind, n)] = opmodel(kind, n, OPMODEL_TRIALS, pg)
             print(f"op model {kind} {n}: done", flush=True)
+    model_table = opmodel_tables(models, sizes)
+    write_opmodel(model_table)  # now: the contention runs take long
     table = [["storage", "study size", "processes", "trials", "storage calls/s",
               "p50 ms/call", "p99 ms/call", "storage ms/trial (mean)", "lost", "duplicated",
               "errors"]]
@@ -552,7 +554,7 @@ def run_all(kinds: list[str], counts: tuple[int, ...], sizes: tuple[int, ...],
                 table.append(contention(kind, n, processes, seconds, pg))
                 capacity[(kind, n)] = max(capacity.get((kind, n), 0), float(table[-1][4]))
                 print(" | ".join(table[-1]), flush=True)
-                if before and kind == "grpc":
+                if before and kind == "grpc" and processes <= 64:
                     table.append(contention(kind, n, processes, seconds, pg, before))
                     print(" | ".join(table[-1]), flush=True)
     for kind in kinds if paced else ():
@@ -565,11 +567,10 @@ def run_all(kinds: list[str], counts: tuple[int, ...], sizes: tuple[int, ...],
                  + [f"{t} s trial: {c}" for t in (60, 600)
                     for c in ("calls/trial", "ms/trial alone", "workers at < 1 %")]]
     projected += [projection(models[key], capacity[key], *key) for key in capacity]
-    write_results(opmodel_tables(models, sizes), table, projected, seconds)
+    write_results(table, projected, seconds)
 
 
-def write_results(model: list[list[str]], table: list[list[str]],
-                  projected: list[list[str]], seconds: float) -> None:
+def write_opmodel(model: list[list[str]]) -> None:
     append_results(
         "3a. Study storage: the op model of one worker (issue 21)", model,
         f"One process runs {OPMODEL_TRIALS} trials with hpcdl's rank-0 worker code "
@@ -582,6 +583,9 @@ def write_results(model: list[list[str]], table: list[list[str]],
         "check), epoch (report + prune check), heartbeat, tell. Heartbeat calls per trial "
         "are at the op model's rate; at the real rate they are trial seconds / "
         f"{HEARTBEAT_S:g}. Other helpers shared the 2 cores during the run.")
+
+
+def write_results(table: list[list[str]], projected: list[list[str]], seconds: float) -> None:
     append_results(
         "3b. Study storage under contention at scale (issue 21)", table,
         f"Each of N forked processes runs trials back to back for {seconds:g} s with the "
