@@ -452,6 +452,49 @@ def fits_in_memory(kind: str, n: int, processes: int) -> bool:
     return processes * mib_each < 0.5 * available
 
 
+# ---------------------------------------------------------------- gRPC proxy: before / after
+
+
+def proxy_ab_child(urls: list[str], works: list[str], rounds: int, out: str) -> None:
+    """One client, trials alternated between the two servers: per server, seconds to open
+    the study (the client's first listing) and storage seconds per trial."""
+    from hpcdl import config
+
+    counters = [Counter() for _ in urls]
+    workers, opened = [], []
+    for url, work, counter in zip(urls, works, counters, strict=True):
+        began = time.perf_counter()
+        w = rank0_worker(config.load(config_for(Path(work), url)), 0, counter)
+        w.study.get_trials(deepcopy=False)
+        opened.append(time.perf_counter() - began)
+        workers.append(w)
+    per_trial: list[list[float]] = [[] for _ in urls]
+    for _ in range(rounds):
+        for w, counter, times in zip(workers, counters, per_trial, strict=True):
+            before = sum(sum(calls) for calls in counter.calls.values())
+            run_trial(w, counter, 0.0, HEARTBEAT_S, lambda epoch: 0.95 + 0.001 * epoch)
+            times.append(sum(sum(calls) for calls in counter.calls.values()) - before)
+    Path(out).write_text(json.dumps({"opened": opened, "per_trial": per_trial}))
+
+
+def proxy_ab(n: int, rounds: int, before: Path) -> list[str]:
+    """The gRPC proxy of this tree and of `before`, side by side on copies of one study."""
+    with tempfile.TemporaryDirectory() as tmp:
+        works = [Path(tmp) / "after", Path(tmp) / "before"]
+        for work in works:
+            work.mkdir()
+            shutil.copy(prefilled_file("sqlite", n), work / "study.sqlite")
+        with grpc_server(works[0], works[0] / "study.sqlite", TREE) as after_url, \
+                grpc_server(works[1], works[1] / "study.sqlite", before) as before_url:
+            out = Path(tmp) / "ab.json"
+            in_child(proxy_ab_child, [after_url, before_url], [str(w) for w in works],
+                     rounds, str(out))
+        result = json.loads(out.read_text())
+    after_ms, before_ms = (statistics.median(t) * 1000 for t in result["per_trial"])
+    return [f"{n:,}", str(rounds), f"{result['opened'][1]:.2f}", f"{result['opened'][0]:.2f}",
+            f"{before_ms:.0f}", f"{after_ms:.0f}", f"{before_ms / after_ms:.1f}x"]
+
+
 # ---------------------------------------------------------------- projection
 
 
@@ -492,6 +535,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="0,2000,10000")
     parser.add_argument("--seconds", type=float, default=12.0, help="per contention run")
     parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--proxy-ab", type=int, default=0, metavar="TRIALS",
+                        help="with --before: only the gRPC proxy, this tree's and the old "
+                        "one's side by side, one client alternating TRIALS trials on each")
     parser.add_argument("--paced", type=float, default=0.0, metavar="S",
                         help="then each storage at its largest process count and study with "
                         f"S seconds of sleep per epoch ({EPOCHS} epochs a trial)")
@@ -508,6 +554,9 @@ def main() -> None:
     pg = Postgres() if "postgresql" in kinds else None
     before = export_tree(args.before) if args.before else None
     try:
+        if before and args.proxy_ab:
+            write_proxy_ab([proxy_ab(n, args.proxy_ab, before) for n in sizes], before.name)
+            return
         if pg:
             pg.start()
         run_all(kinds, counts, sizes, seconds, pg, before, args.pg_max_size, args.paced)
@@ -568,6 +617,20 @@ def run_all(kinds: list[str], counts: tuple[int, ...], sizes: tuple[int, ...],
                     for c in ("calls/trial", "ms/trial alone", "workers at < 1 %")]]
     projected += [projection(models[key], capacity[key], *key) for key in capacity]
     write_results(table, projected, seconds)
+
+
+def write_proxy_ab(rows: list[list[str]], rev: str) -> None:
+    append_results(
+        "3d. gRPC proxy before / after, side by side (issue 21)",
+        [["study size", "trials each", f"open s ({rev})", "open s (now)",
+          f"storage ms/trial ({rev})", "storage ms/trial (now)", "speed-up"], *rows],
+        f"Two `hpcdl storage serve` at once, each on its own copy of the same SQLite study: "
+        f"{rev}'s (raw RDBStorage behind Optuna's proxy) and this tree's (Optuna's "
+        "_CachedStorage and hpcdl's ListingCache behind it). One client process runs the "
+        "rank-0 worker code, alternating trials between them (no training; 10 reports, "
+        "median pruner), so machine load falls on both alike. open: opening the study "
+        "and its first full listing (the client's cache fill). Other helpers were loading "
+        "the 2 cores (load average 20-30) during the run.")
 
 
 def write_opmodel(model: list[list[str]]) -> None:
