@@ -8,10 +8,15 @@ finished before the call began (the budget's surplus check and the pruners rely 
 Attributes and intermediate values of RUNNING trials may lag by up to `ttl_s`, the same
 as if their writes had arrived that much later. Valid only while this server is the
 database's one writer (`hpcdl storage serve` is: its SQLite file is opened by no one else).
+
+With `one_writer` (SQLite behind) the server's threads write one at a time: SQLite takes one
+writer anyway, and threads left to its busy handler sleep up to 100 ms between retries, which
+let 16 clients' writes pile up for seconds (benchmarks/RESULTS.md, issue 21).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Container, Sequence
@@ -29,10 +34,12 @@ TTL_S = 1.0
 class ListingCache(BaseStorage):
     """`backend` with its trial listings cached for `ttl_s` seconds (see the module)."""
 
-    def __init__(self, backend: BaseStorage, ttl_s: float | None = None) -> None:
+    def __init__(self, backend: BaseStorage, ttl_s: float | None = None,
+                 one_writer: bool = False) -> None:
         self._backend = backend
         self._ttl_s = TTL_S if ttl_s is None else ttl_s
         self._lock = threading.Lock()
+        self._writing = threading.Lock() if one_writer else contextlib.nullcontext()
         self._listings: dict[int, tuple[float, list[FrozenTrial]]] = {}
         # bumped by every change a listing must show; a read begun before it is not kept
         self._generation = 0
@@ -64,7 +71,8 @@ class ListingCache(BaseStorage):
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         try:
-            return self._backend.create_new_trial(study_id, template_trial)
+            with self._writing:
+                return self._backend.create_new_trial(study_id, template_trial)
         finally:
             self._changed()
 
@@ -72,13 +80,15 @@ class ListingCache(BaseStorage):
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
         try:
-            return self._backend.set_trial_state_values(trial_id, state, values)
+            with self._writing:
+                return self._backend.set_trial_state_values(trial_id, state, values)
         finally:
             self._changed()
 
     def delete_study(self, study_id: int) -> None:
         try:
-            self._backend.delete_study(study_id)
+            with self._writing:
+                self._backend.delete_study(study_id)
         finally:
             self._changed()
 
@@ -87,13 +97,16 @@ class ListingCache(BaseStorage):
     def create_new_study(
         self, directions: Sequence[StudyDirection], study_name: str | None = None
     ) -> int:
-        return self._backend.create_new_study(directions, study_name)
+        with self._writing:
+            return self._backend.create_new_study(directions, study_name)
 
     def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._backend.set_study_user_attr(study_id, key, value)
+        with self._writing:
+            self._backend.set_study_user_attr(study_id, key, value)
 
     def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._backend.set_study_system_attr(study_id, key, value)
+        with self._writing:
+            self._backend.set_study_system_attr(study_id, key, value)
 
     def get_study_id_from_name(self, study_name: str) -> int:
         return self._backend.get_study_id_from_name(study_name)
@@ -115,20 +128,24 @@ class ListingCache(BaseStorage):
 
     def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                         distribution: BaseDistribution) -> None:
-        self._backend.set_trial_param(trial_id, param_name, param_value_internal, distribution)
+        with self._writing:
+            self._backend.set_trial_param(trial_id, param_name, param_value_internal, distribution)
 
     def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
         return self._backend.get_trial_id_from_study_id_trial_number(study_id, trial_number)
 
     def set_trial_intermediate_value(self, trial_id: int, step: int,
                                      intermediate_value: float) -> None:
-        self._backend.set_trial_intermediate_value(trial_id, step, intermediate_value)
+        with self._writing:
+            self._backend.set_trial_intermediate_value(trial_id, step, intermediate_value)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._backend.set_trial_user_attr(trial_id, key, value)
+        with self._writing:
+            self._backend.set_trial_user_attr(trial_id, key, value)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._backend.set_trial_system_attr(trial_id, key, value)
+        with self._writing:
+            self._backend.set_trial_system_attr(trial_id, key, value)
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
         return self._backend.get_trial(trial_id)

@@ -387,7 +387,8 @@ def serve_grpc_proxy(storage: BaseStorage, host: str, port: int) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
     pool = ThreadPoolExecutor(max_workers=PROXY_THREADS)
-    cached = ListingCache(optuna.storages.get_storage(storage))
+    sqlite = getattr(getattr(storage, "engine", None), "name", "") == "sqlite"
+    cached = ListingCache(optuna.storages.get_storage(storage), one_writer=sqlite)
     try:
         optuna.storages.run_grpc_proxy_server(cached, host=host, port=port, thread_pool=pool)
     except KeyboardInterrupt:
