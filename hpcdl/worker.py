@@ -100,10 +100,12 @@ class Worker:
             "worker.open")
 
     def next_plan(self) -> Plan | None:
-        """Rank 0: recover stale trials, check the budget, ask. Others: None."""
+        """Rank 0: recover stale trials (on the study's period), check the budget, ask.
+        Others: None."""
         assert self.study is not None
-        study.recover_stale_trials(self.study, self.config)
-        while (over := study.budget_left(self.study, self.config)) is None:
+        if study.stale_sweep_due(self.study, self.config):
+            study.recover_stale_trials(self.study, self.config)
+        while (over := self._budget_left()) is None:
             trial = self.study.ask()
             self._claim(trial)
             if study.is_surplus(self.study, trial, self.config):
@@ -128,6 +130,15 @@ class Worker:
                       self.worker_id, self.config.name)
         return None
 
+    def _budget_left(self) -> str | None:
+        """Why the sweep is over, or None. Before saying it is, one sweep off the period: a
+        dead worker's RUNNING trial counts as claimed, and must not be left behind."""
+        assert self.study is not None
+        over = study.budget_left(self.study, self.config)
+        if over is not None and study.recover_stale_trials(self.study, self.config):
+            over = study.budget_left(self.study, self.config)
+        return over
+
     def _claim(self, trial: Trial) -> None:
         """Record this worker as the trial's owner (host, pid, job, heartbeat)."""
         assert self.study is not None
@@ -146,14 +157,19 @@ class Worker:
 
     def report(self, epoch: int, metrics: Mapping[str, float]) -> bool:
         """Every rank: rank 0 reports the epoch and decides; all ranks get the same decision."""
-        prune = False
-        if self.ranks.is_root and len(study.directions(self.config)) == 1:
-            assert self.trial is not None
-            value = metrics[self.config.section("search")["metric"]]
-            if math.isfinite(value):
-                self.trial.report(value, epoch + 1)
-                prune = self.trial.should_prune()
+        prune = self.ranks.is_root and self.decide_prune(epoch, metrics)
         return bool(parallel.broadcast_object(prune, f"prune.{epoch}"))
+
+    def decide_prune(self, epoch: int, metrics: Mapping[str, float]) -> bool:
+        """Rank 0: report the epoch's metric to the study (one write) and ask the pruner."""
+        if len(study.directions(self.config)) != 1:
+            return False
+        assert self.trial is not None
+        value = metrics[self.config.section("search")["metric"]]
+        if not math.isfinite(value):
+            return False
+        self.trial.report(value, epoch + 1)
+        return self.trial.should_prune()
 
     def run_trial(self, plan: Plan) -> train.RunResult | None:
         """Train the plan's params on all ranks; rank 0 tells the study how it ended."""
