@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONPATH := $(CURDIR)
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-gpu prereqs-demo prereqs-test demo test lint bench bench-quick
+.PHONY: setup setup-gpu prereqs-demo prereqs-test image demo test lint bench bench-quick
 # The runtime (install.sh): the gpu variant when nvidia-smi lists a GPU, cpu otherwise, as .venv.
 setup:
 	./install.sh --link $(VENV)
@@ -20,6 +20,14 @@ prereqs-demo:
 	bash .ci/test-prereqs.sh demo
 prereqs-test:
 	bash .ci/test-prereqs.sh test
+
+# The Apptainer image from containers/hpcdl.def (its %post is install.sh --variant gpu).
+image:
+	@command -v apptainer >/dev/null || { echo "make image: no apptainer on PATH. Build where" \
+	  "it is (module load apptainer; apptainer build [--fakeroot] hpcdl.sif containers/hpcdl.def)" \
+	  "or remotely (apptainer build --remote ...), then copy hpcdl.sif to the cluster." \
+	  "tests/test_container.py runs the definition in a Debian 12 root here instead." >&2; exit 1; }
+	apptainer build hpcdl.sif containers/hpcdl.def
 
 DEMO_CONFIG ?= configs/demo.yaml
 

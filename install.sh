@@ -131,7 +131,7 @@ requirement_files=(requirements.lock)
 [[ $variant == gpu ]] && requirement_files+=(requirements-gpu.txt)
 requirements=(); for f in "${requirement_files[@]}"; do requirements+=(-r "$f"); done
 wheel_key=$( { echo "$variant"; pins; echo "$HOROVOD_PIN $python_id"; echo "$mpi_id"
-               echo "$nvcc_id $CUDA_CC_LIST"; cat "${requirement_files[@]:1}"
+               echo "$nvcc_id $CUDA_CC_LIST"; grep -hv "^#" /dev/null "${requirement_files[@]:1}" || true
              } | sha256sum | cut -c1-16)
 wheel_dir="$CACHE_DIR/wheels/horovod-$variant-$wheel_key"
 venv_key=$( { echo "$wheel_key"; "$PYTHON" -c 'import sys; print(sys.version, sys.executable)'
@@ -145,6 +145,7 @@ mkdir -p "$CACHE_DIR"
 build_horovod() {
   local tmp="$wheel_dir.tmp-$$" cuda_json=null
   rm -rf "$tmp"; mkdir -p "$tmp"
+  trap 'rm -rf "$wheel_dir.tmp-$$" "$CACHE_DIR/nvcc-cu13.tmp-$$"' EXIT
   local -a env=(HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1
                 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 HOROVOD_CPU_OPERATIONS=MPI
                 MAKEFLAGS="-j$(nproc)" CMAKE_POLICY_VERSION_MINIMUM=3.5)
@@ -155,6 +156,10 @@ build_horovod() {
       if [[ ! -x $cuda_home/nvidia/cu13/bin/nvcc ]]; then
         log "nvcc: ${PIP_NVCC[*]} from PyPI into $cuda_home"
         "$venv/bin/pip" install -q --no-deps --target "$cuda_home.tmp-$$" "${PIP_NVCC[@]}"
+        # Laid out as a toolkit: nvcc links from lib64, CMake's FindCUDAToolkit wants libcudart.so
+        # (found, not linked: Horovod's cudart calls resolve through TensorFlow's CUDA 12 one).
+        ln -s lib "$cuda_home.tmp-$$/nvidia/cu13/lib64"
+        ln -s libcudart.so.13 "$cuda_home.tmp-$$/nvidia/cu13/lib/libcudart.so"
         rm -rf "$cuda_home"; mv "$cuda_home.tmp-$$" "$cuda_home"
       fi
       cuda_home="$cuda_home/nvidia/cu13"
@@ -185,13 +190,13 @@ build_horovod() {
   printf '{"variant": "%s", "horovod": "%s", "horovod_cuda": %s, "cuda_cc": "%s", "mpi": "%s"}\n' \
     "$variant" "${HOROVOD_PIN#*==}" "$cuda_json" "$CUDA_CC_LIST" "$mpi_id" > "$tmp/build.json"
   rm -rf "$wheel_dir"; mv "$tmp" "$wheel_dir"
+  trap - EXIT
 }
 
 # ---- 3. the venv: pinned packages, then Horovod from the wheel cache (built on a miss) -----
 if [[ ! -f $venv/.hpcdl-horovod ]]; then
   log "building venv $venv ($variant)"
-  rm -rf "$venv"
-  "$PYTHON" -m venv "$venv"
+  [[ -x $venv/bin/python ]] || "$PYTHON" -m venv "$venv"   # an interrupted build resumes
   "$venv/bin/pip" install -q --upgrade pip wheel setuptools
   "$venv/bin/pip" install -q "${requirements[@]}"
   if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then

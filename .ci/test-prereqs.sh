@@ -3,12 +3,13 @@
 # packages for this CI machine kind, never needed to train.
 #   demo: dataset-fashion-mnist (the demo's data; elsewhere: hpcdl prepare --source keras)
 #   test: the above, hdf5-tools (h5dump reads our files back), postgresql and mariadb-server
-#         (real database servers are study storages), chromium (renders the report).
+#         (real database servers are study storages), chromium (renders the report),
+#         debootstrap (tests/test_container.py builds the image's Debian 12 root).
 # As root it apt-installs what is missing; otherwise it prints the command and stops.
 set -euo pipefail
 case ${1:-test} in
   demo) packages=(dataset-fashion-mnist) ;;
-  test) packages=(dataset-fashion-mnist hdf5-tools postgresql mariadb-server chromium) ;;
+  test) packages=(dataset-fashion-mnist hdf5-tools postgresql mariadb-server chromium debootstrap) ;;
   *) echo "test-prereqs.sh: '$1': expected demo or test" >&2; exit 2 ;;
 esac
 missing=()
