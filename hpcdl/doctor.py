@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 
 from hpcdl import __version__, parallel
@@ -44,6 +45,7 @@ class GpuFacts:
     driver_cuda: str | None  # the newest CUDA the driver supports ("12.4"), from nvidia-smi
     tf_cuda: str | None  # CUDA TensorFlow was built with; None for a CPU build
     tf_cudnn: str | None
+    tf_cuda_libs: bool  # the nvidia-* wheels TensorFlow loads CUDA from (the gpu variant's)
     tf_gpus: int  # GPUs TensorFlow can use
     horovod_nccl: bool
     horovod_cuda: str | None  # CUDA of the nvcc that compiled Horovod's kernels
@@ -63,6 +65,8 @@ def gpu_checks(facts: GpuFacts) -> list[Check]:
     """The runtime against the node: a GPU the driver sees but TensorFlow or Horovod cannot use
     is an error (a CPU runtime on a GPU node trains on the CPU); no GPU at all is fine."""
     built = (f"CUDA {facts.tf_cuda}, cuDNN {facts.tf_cudnn}" if facts.tf_cuda else "CPU only")
+    if facts.tf_cuda and not facts.tf_cuda_libs:
+        built += " (its CUDA libraries are not installed)"
     needed = cuda_needed(facts)
     need_text = f"; the build needs CUDA {needed} (driver >= {MIN_DRIVER.get(needed, '?')})"
     driver = (f"{facts.driver_gpus} GPU(s), CUDA {facts.driver_cuda}" if facts.driver_gpus
@@ -73,15 +77,19 @@ def gpu_checks(facts: GpuFacts) -> list[Check]:
     if not facts.driver_gpus:
         return checks
     problems, fix = [], GPU_SETUP
+    if facts.variant == "cpu":
+        problems.append("this is the cpu runtime")
     if not facts.tf_cuda:
         problems.append("TensorFlow is a CPU build")
+    elif not facts.tf_cuda_libs:
+        problems.append("TensorFlow's CUDA libraries (nvidia-* wheels) are missing")
     if not facts.horovod_nccl:
         problems.append("Horovod has no NCCL")
     if needed and _major(facts.driver_cuda) < needed:
         problems.append(f"the driver supports CUDA {facts.driver_cuda}, the build needs {needed}")
         fix = (f"a driver >= {MIN_DRIVER.get(needed, '?')}, or Horovod's kernels built by the "
                "driver's CUDA: HPCDL_NVCC=<CUDA 12 toolkit> ./install.sh --variant gpu")
-    elif facts.tf_cuda and not facts.tf_gpus:
+    elif facts.tf_cuda and facts.tf_cuda_libs and not facts.tf_gpus:
         problems.append(f"TensorFlow sees none of the driver's {facts.driver_gpus} GPU(s)")
     verdict = "; ".join(problems) or f"TensorFlow uses {facts.tf_gpus} GPU(s), Horovod has NCCL"
     checks.append(Check("gpu runtime", verdict, not problems, True, fix if problems else ""))
@@ -107,6 +115,14 @@ def build_record() -> dict[str, object]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _installed(distribution: str) -> bool:
+    try:
+        metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def gather_gpu_facts() -> GpuFacts:
     """The facts of this process's runtime and node."""
     import tensorflow as tf
@@ -119,6 +135,7 @@ def gather_gpu_facts() -> GpuFacts:
         driver_cuda=driver_cuda,
         tf_cuda=info.get("cuda_version") if info.get("is_cuda_build") else None,
         tf_cudnn=info.get("cudnn_version") if info.get("is_cuda_build") else None,
+        tf_cuda_libs=_installed("nvidia-cudnn-cu12") and _installed("nvidia-cuda-runtime-cu12"),
         tf_gpus=len(tf.config.list_physical_devices("GPU")),
         horovod_nccl=bool(parallel.horovod_build().get("nccl")),
         horovod_cuda=record.get("horovod_cuda"))  # type: ignore[arg-type]

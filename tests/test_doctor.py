@@ -17,9 +17,12 @@ from conftest import hpcdl_env, run_hpcdl
 from hpcdl.doctor import GpuFacts, cuda_needed, gpu_checks
 
 GPU_RUNTIME = GpuFacts(variant="gpu", driver_gpus=2, driver_cuda="13.0", tf_cuda="12.5.1",
-                       tf_cudnn="9", tf_gpus=2, horovod_nccl=True, horovod_cuda="13.0")
-CPU_RUNTIME = GpuFacts(variant="cpu", driver_gpus=0, driver_cuda=None, tf_cuda=None,
-                       tf_cudnn=None, tf_gpus=0, horovod_nccl=False, horovod_cuda=None)
+                       tf_cudnn="9", tf_cuda_libs=True, tf_gpus=2, horovod_nccl=True,
+                       horovod_cuda="13.0")
+# The cpu variant's TensorFlow is the full wheel: a CUDA build without its CUDA libraries.
+CPU_RUNTIME = GpuFacts(variant="cpu", driver_gpus=0, driver_cuda=None, tf_cuda="12.5.1",
+                       tf_cudnn="9", tf_cuda_libs=False, tf_gpus=0, horovod_nccl=False,
+                       horovod_cuda=None)
 
 
 def verdict(facts: GpuFacts) -> dict[str, object] | None:
@@ -37,9 +40,11 @@ def test_a_cpu_runtime_on_a_gpu_node_fails_loudly() -> None:
     on_gpu_node = replace(CPU_RUNTIME, driver_gpus=4, driver_cuda="12.4")
     result = verdict(on_gpu_node)
     assert result and not result["ok"] and result["required"]
-    assert "TensorFlow is a CPU build" in result["value"]
-    assert "Horovod has no NCCL" in result["value"]
+    assert result["value"] == ("this is the cpu runtime; TensorFlow's CUDA libraries (nvidia-* "
+                               "wheels) are missing; Horovod has no NCCL")
     assert "make setup-gpu" in result["fix"]
+    tensorflow_cpu = replace(on_gpu_node, variant="unknown", tf_cuda=None, tf_cudnn=None)
+    assert verdict(tensorflow_cpu)["value"].startswith("TensorFlow is a CPU build")  # type: ignore[index]
 
 
 def test_horovod_without_nccl_on_a_gpu_node_fails() -> None:
@@ -72,7 +77,7 @@ def test_tensorflow_blind_to_the_drivers_gpus_fails() -> None:
 def test_the_cuda_the_driver_must_support() -> None:
     assert cuda_needed(GPU_RUNTIME) == 13
     assert cuda_needed(replace(GPU_RUNTIME, horovod_cuda="12.4")) == 12
-    assert cuda_needed(CPU_RUNTIME) == 0
+    assert cuda_needed(replace(CPU_RUNTIME, tf_cuda=None)) == 0
 
 
 @pytest.mark.slow
