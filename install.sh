@@ -207,7 +207,7 @@ if [[ ! -f $venv/.hpcdl-horovod ]]; then
   fi
   "$venv/bin/pip" install -q --no-deps "$wheel_dir"/horovod-*.whl
   cp "$wheel_dir/build.json" "$venv/hpcdl-build.json"
-  touch "$venv/.hpcdl-horovod"
+  touch "$venv/.hpcdl-horovod" "$venv/.hpcdl-lock-$lock_hash"
 fi
 if [[ ! -f $venv/.hpcdl-lock-$lock_hash ]]; then
   log "syncing $venv with ${requirements[*]}"
@@ -219,11 +219,8 @@ else
 fi
 
 # hpcdl itself changes with every commit, so it is (re)linked into the venv each time; cheap.
-# The image installs a copy instead (--prefix without --link): the source tree is not kept.
-if [[ -n $link ]]; then
-  ln -sfn "$venv" "$link"
-  "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$REPO"
-else
-  "$venv/bin/pip" install -q --no-deps --no-build-isolation "$REPO"
-fi
+# Editable everywhere, the image too (it keeps the tree at /opt/hpcdl): hpcdl reads configs/
+# beside its package, which a plain install would leave behind.
+[[ -z $link ]] || ln -sfn "$venv" "$link"
+"$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$REPO"
 log "ready: $venv ($variant)"
