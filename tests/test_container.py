@@ -165,6 +165,9 @@ def built_root(definition: tuple[dict[str, str], dict[str, str]]) -> Path:
     assert post.returncode == 0, post.stdout[-3000:] + post.stderr[-6000:]
     (tmp / ".hpcdl-built").touch()
     tmp.rename(root)
+    for stale in root.parent.glob("debian12-*"):  # roots of older definitions: GBs each
+        if stale != root and (stale / ".hpcdl-built").exists():
+            shutil.rmtree(stale)
     return root
 
 
@@ -210,8 +213,9 @@ def test_two_ranks_train_the_smoke_config_inside_the_image(
         image: Path, definition: tuple[dict[str, str], dict[str, str]]) -> None:
     """The hybrid model's inside half: the image's Open MPI starts 2 ranks of hpcdl train."""
     _, sections = definition
-    script = (environment(sections) + "cd /tmp && mpirun -np 2 hpcdl train --config "
-              "/opt/hpcdl/configs/smoke.yaml --set results_dir=/tmp/results --set epochs=2 "
-              "--out /tmp/results/run.h5 && test -s /tmp/results/run.h5")
+    config = "--config /opt/hpcdl/configs/smoke.yaml --set results_dir=/tmp/results"
+    script = (environment(sections) + f"cd /tmp && hpcdl prepare {config} && mpirun -np 2 "
+              f"hpcdl train {config} --set epochs=2 --out /tmp/results/run.h5 "
+              "&& test -s /tmp/results/run.h5")
     result = in_root(image, script, *MPI_AS_ROOT, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
