@@ -113,6 +113,9 @@ if ((${#missing_names[@]})); then
 fi
 
 # ---- 2. keys: what Horovod is compiled against, and what each venv holds --------------------
+# The interpreter behind a venv's python3.11 (make puts .venv/bin first on PATH): one key per
+# real Python, so a second `make setup` finds the venv the first one built.
+PYTHON=$("$PYTHON" -c 'import sys; print(getattr(sys, "_base_executable", sys.executable))')
 pins() { grep -iE '^(tensorflow|tf[-_]keras|numpy|mpi4py)==' requirements.lock | sort; }
 python_id=$("$PYTHON" -c 'import sys, sysconfig; print(sys.implementation.cache_tag, sysconfig.get_platform())')
 mpi_id="$(readlink -f "$(command -v mpicc)") $(mpirun --version 2>&1 | head -1)"

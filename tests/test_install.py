@@ -52,6 +52,13 @@ def path_without(bin_dir: Path, left_out: tuple[str, ...]) -> str:
     return str(bin_dir)
 
 
+def path_without_venvs() -> str:
+    """This PATH as a user's shell has it: `make test` puts .venv/bin first, whose python3.11
+    would make the recipe build a venv of its own (the key holds the interpreter)."""
+    return ":".join(d for d in os.environ["PATH"].split(":")
+                    if not (Path(d).parent / "pyvenv.cfg").exists())
+
+
 def run_install(*args: str, path: str, cache: Path, user: str | None = None,
                 cwd: Path = REPO, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     """install.sh with a clean environment (only PATH, HOME, the cache and pip's set-up)."""
@@ -146,7 +153,7 @@ def test_an_unprivileged_user_without_apt_gets_a_working_cpu_runtime(
 def test_the_gpu_variant_builds_here_with_nccl_and_a_cuda_tensorflow() -> None:
     """No GPU needed to build it. Cached by its hash like `make setup-gpu`'s: a fresh machine
     pays the download and the compile once (see the README), later runs seconds."""
-    result = run_install("--variant", "gpu", "--link", ".venv-gpu", path=os.environ["PATH"],
+    result = run_install("--variant", "gpu", "--link", ".venv-gpu", path=path_without_venvs(),
                          cache=CACHE, timeout=3500)
     assert result.returncode == 0, result.stderr
     venv_bin = REPO / ".venv-gpu" / "bin"
