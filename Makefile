@@ -6,9 +6,29 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONPATH := $(CURDIR)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench bench-quick peer-venvs
+.PHONY: setup setup-gpu prereqs-demo prereqs-test image demo test lint bench bench-quick \
+	peer-venvs
+# The runtime (install.sh): the gpu variant when nvidia-smi lists a GPU, cpu otherwise, as .venv.
 setup:
-	bash .ci/install.sh
+	./install.sh --link $(VENV)
+
+# The gpu variant anywhere (no GPU needed to build it), as .venv-gpu.
+setup-gpu:
+	./install.sh --variant gpu --link .venv-gpu
+
+# Not the runtime: the demo's data and the tests' tools (Debian packages, see the script).
+prereqs-demo:
+	bash .ci/test-prereqs.sh demo
+prereqs-test:
+	bash .ci/test-prereqs.sh test
+
+# The Apptainer image from containers/hpcdl.def (its %post is install.sh --variant gpu).
+image:
+	@command -v apptainer >/dev/null || { echo "make image: no apptainer on PATH. Build where" \
+	  "it is (module load apptainer; apptainer build [--fakeroot] hpcdl.sif containers/hpcdl.def)" \
+	  "or remotely (apptainer build --remote ...), then copy hpcdl.sif to the cluster." \
+	  "tests/test_container.py runs the definition in a Debian 12 root here instead." >&2; exit 1; }
+	apptainer build hpcdl.sif containers/hpcdl.def
 
 DEMO_CONFIG ?= configs/demo.yaml
 
@@ -16,13 +36,13 @@ DEMO_CONFIG ?= configs/demo.yaml
 # final retrain, aggregate and the report. Snakemake's output goes through `hpcdl status
 # --follow`, which prints it unchanged above one live line on the sweep (reading the study
 # every 5 s) and ends with it; pipefail keeps Snakemake's exit code as the target's.
-demo: setup
+demo: setup prereqs-demo
 	hpcdl doctor
 	set -o pipefail; snakemake --profile profiles/local --configfile $(DEMO_CONFIG) 2>&1 \
 	  | hpcdl status --follow --config $(DEMO_CONFIG)
 	@echo "report: $$(python -c 'from hpcdl import config; print(config.load("$(DEMO_CONFIG)").sweep_dir)')/report.html"
 
-test: setup
+test: setup prereqs-test
 	ruff check hpcdl tests benchmarks
 	snakemake --lint --configfile configs/smoke.yaml
 	python -m pytest $(PYTEST_ARGS)
