@@ -61,6 +61,14 @@ def split_times(sweep_dir: Path, wall_seconds: float) -> dict[str, dict[str, flo
     return times
 
 
+def epochs_trained(trials_dir: Path) -> int:
+    """Training epochs of all the sweep's trials (the work its wall time bought)."""
+    from hpcdl import store
+
+    return sum(len(store.read_run(path).epochs["epoch_seconds"])
+               for path in trials_dir.glob("*.h5"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -73,13 +81,17 @@ def main() -> None:
     from hpcdl import config
 
     cfg = config.load(REPO / config_path)
-    runs = []
+    runs, walls, trial_epochs, loads = [], [], [], []
     for rep in range(reps):
         print(f"bench_pipeline: sweep {rep + 1}/{reps} of {config_path}", flush=True)
         run(["rm", "-rf", str(cfg.sweep_dir)])
         started = time.perf_counter()
         run(["snakemake", "--profile", "profiles/local", "--configfile", config_path])
-        runs.append(split_times(cfg.sweep_dir, time.perf_counter() - started))
+        wall = time.perf_counter() - started
+        runs.append(split_times(cfg.sweep_dir, wall))
+        walls.append(wall / 60)
+        trial_epochs.append(epochs_trained(cfg.sweep_dir / "trials"))
+        loads.append(os.getloadavg()[2])  # other work on the machine during the sweep
 
     def part(times: dict[str, float], value: str) -> float:
         """One quantity of one rule in one sweep."""
@@ -104,7 +116,10 @@ def main() -> None:
     append_results(
         "7. Pipeline overhead of the local demo sweep",
         table,
-        f"`{config_path}` run from scratch {reps} times (`snakemake --profile profiles/local`). "
+        f"`{config_path}` run from scratch {reps} times (`snakemake --profile profiles/local`): "
+        f"wall time {summary(walls)} min for {summary(trial_epochs)} trial epochs; "
+        f"15-min load average at each sweep's end {summary(loads)} (2 is this machine's "
+        "cores fully used by the sweep alone). "
         "Job seconds: Snakemake's `benchmark:` record of each job (summed over the workers, "
         "which run concurrently); snakemake: the sweep's wall time during which no job ran "
         "(Snakemake's start-up, DAG, scheduling, the sweep_config local rule). From every run "
