@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -238,7 +239,10 @@ def main() -> None:
                      *[[*row, ""] for row in decode], [""] * 6,
                      *[[*row, "", ""] for row in parallel]]
         table = [*epoch_ratios(models, reps, epochs, work), *table]
-    append_results("8. Streaming input vs in memory", table, NOTES)
+    load = os.getloadavg()
+    append_results("8. Streaming input vs in memory", table,
+                   NOTES + f"Load average at the end (1, 5, 15 min): {load[0]:.1f}, "
+                   f"{load[1]:.1f}, {load[2]:.1f} (2 cores; a run alone keeps 1-2 busy).")
 
 
 NOTES = """
@@ -252,8 +256,6 @@ each; (c) one decode thread, warm cache, over the 43200 train images of Fashion-
 `hpcdl prepare` writes with each filter ("ratio": raw image bytes / file bytes); (d) the same
 gzip 4 file (4x tiled) inflated by one worker, two threads or two processes, each reading half
 the chunks, warm cache: which parallelism the reader should use.
-The machine was shared with other helpers' builds and tests while this ran: absolute times are
-noisy, the ratios of side-by-side runs less so.
 """
 
 
