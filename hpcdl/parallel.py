@@ -12,7 +12,7 @@ import math
 import os
 import socket
 import sys
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -279,6 +279,15 @@ def distributed_optimizer(optimizer: Any) -> Any:
     if init().size == 1:
         return optimizer
     return horovod_keras().DistributedOptimizer(optimizer)
+
+
+def average_gradients(grads: Sequence[Any]) -> list[Any]:
+    """Each gradient averaged over ranks, one allreduce per tensor as Horovod's
+    DistributedOptimizer does: for a step whose gradients XLA computed (xla.py), as Horovod
+    0.28's allreduce has no XLA CPU kernel. None (a variable the loss does not use) stays None."""
+    import horovod.tensorflow as hvd
+
+    return [None if grad is None else hvd.allreduce(grad, op=hvd.Average) for grad in grads]
 
 
 def sync_callbacks(initial_lr: float, warmup_epochs: float, steps_per_epoch: int,

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcdl import callbacks, data, logs, memory, models, parallel, store, stream
+from hpcdl import callbacks, data, logs, memory, models, parallel, store, stream, xla
 from hpcdl.config import EPOCH_METRICS, Config
 from hpcdl.errors import UserError
 
@@ -279,14 +279,8 @@ def check_metrics_recorded(config: Config, info: data.DatasetInfo) -> None:
 def _check_can_start(config: Config, out: Path, ranks: parallel.Ranks,
                      info: data.DatasetInfo) -> None:
     """Refuse, alike on every rank, a run that cannot start: too few samples per rank for one
-    batch, XLA over several ranks, or a finished run file at `out`."""
+    batch, or a finished run file at `out`."""
     check_batch_fits(config, info, ranks.size)
-    if config.params["jit_compile"] and ranks.size > 1:
-        # Keras compiles the whole train step, Horovod's allreduce included, and Horovod
-        # 0.28's XLA ops are GPU-only: on CPU XLA fails at the first step (no XLA_CPU_JIT
-        # kernel for HorovodAllreduce); on GPUs it is untested here
-        raise UserError(f"{config.origin}: train.jit_compile: true needs one rank here "
-                        f"({ranks.size} ranks): Horovod's allreduce has no XLA kernel on CPU")
     problem = _resume_problem(out) if ranks.is_root else None
     problem = parallel.broadcast_object(problem, "train.resume_problem")
     if problem:
@@ -295,19 +289,28 @@ def _check_can_start(config: Config, out: Path, ranks: parallel.Ranks,
 
 def _compiled_model(params: Mapping[str, Any], info: data.DatasetInfo,
                     size: int) -> tuple[Any, float]:
-    """The model with Horovod's optimizer at the learning rate scaled for `size` ranks."""
+    """The model with its gradients averaged over `size` ranks, at the learning rate scaled
+    for them."""
     model = models.build_model(params, info.sample_shape, info.n_classes)
     learning_rate = parallel.scaled_learning_rate(
         params["learning_rate"], size, params["lr_scaling"]
     )
+    optimizer = make_optimizer(params, learning_rate)
+    jit_compile = params["jit_compile"]
+    if jit_compile and size > 1:
+        # Keras would compile the whole step, Horovod's allreduce included, which has no XLA
+        # CPU kernel: XLA computes the gradients, they are averaged outside it (xla.py)
+        model, jit_compile = xla.allreduce_outside_xla(model), False
+    else:
+        optimizer = parallel.distributed_optimizer(optimizer)
     # Under train.mixed_precision float16 Keras wraps the optimizer in a LossScaleOptimizer
-    # (dynamic loss scaling); Horovod inside it averages the gradients, float32 like the
-    # variables, so every rank takes the same loss-scale step (tests: test_models, test_train)
+    # (dynamic loss scaling); the gradients are averaged float32 like the variables, so every
+    # rank takes the same loss-scale step (tests: test_models, test_train)
     model.compile(
-        optimizer=parallel.distributed_optimizer(make_optimizer(params, learning_rate)),
+        optimizer=optimizer,
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
-        jit_compile=params["jit_compile"],
+        jit_compile=jit_compile,
     )
     return model, learning_rate
 
