@@ -476,7 +476,12 @@ def test_surplus_trial_of_two_workers_racing_for_the_last_slot(results: Path,
     study.open_study(config.load(cfg))
     holder, watcher = psycopg2.connect(postgres), psycopg2.connect(postgres)
     watcher.autocommit = True  # pg_stat_activity is a snapshot per transaction
-    holder.cursor().execute("SELECT study_id FROM studies WHERE study_name = 'race' FOR UPDATE")
+    # FOR NO KEY UPDATE blocks Optuna's FOR UPDATE of the study row (numbering a new trial) but
+    # not the key-share lock that a write of a study attribute takes (the stale-sweep stamp
+    # each worker writes before its budget check): a FOR UPDATE here would stop both workers
+    # before the budget check, where no race is left to test
+    holder.cursor().execute(
+        "SELECT study_id FROM studies WHERE study_name = 'race' FOR NO KEY UPDATE")
     workers = [start_worker(cfg, i, log=results / f"w{i}.log") for i in range(2)]
 
     def both_wait_or_one_exited() -> bool:
