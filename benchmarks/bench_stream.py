@@ -222,12 +222,14 @@ def main() -> None:
                         help="1 repetition, 3 epochs, MLP only for (a), 4x tiled file for (b)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="for (a)")
+    parser.add_argument("--epochs", type=int, help="per run in (a), the first left out "
+                        "(default 5, --quick 3)")
     parser.add_argument("--epochs-only", action="store_true", help="(a) alone")
     args = parser.parse_args()
     reps = 1 if args.quick else args.reps
     fashion_mnist()
     models = args.models or (["MLP"] if args.quick else list(MODELS))
-    epochs = 3 if args.quick else 5
+    epochs = args.epochs or (3 if args.quick else 5)
     table: list[list[str]] = []
     with tempfile.TemporaryDirectory(dir=REPO / "results") as tmp:
         work = Path(tmp)
