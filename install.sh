@@ -81,6 +81,8 @@ check_prerequisites() {
     && { command -v "${CXX:-c++}" || command -v g++; } >/dev/null \
     || need "C/C++ compiler (cc and c++)" "g++" "gcc-c++" "gcc"
   command -v cmake >/dev/null || need "CMake (cmake)" "cmake" "cmake" "cmake"
+  # CMake's default generator; Debian's cmake only recommends it (not installed by --no-install-recommends)
+  command -v make >/dev/null || need "make (CMake's build tool)" "make" "make" ""
   python_ok || need "Python 3.11 with venv and headers (python3.11, Python.h)" \
     "python3.11 python3.11-venv python3.11-dev" "python3.11 python3.11-devel" "python/3.11"
   if ! command -v mpicc >/dev/null || ! command -v mpirun >/dev/null; then

@@ -27,6 +27,8 @@ PID = "hpcdl:pid"
 JOB = "hpcdl:slurm_job_id"
 WORKER = "hpcdl:worker_id"
 HEARTBEAT = "hpcdl:heartbeat"
+# what owner_attrs() writes: they describe one attempt, never the trial that re-runs it
+OWNER_KEYS = (HOST, PID, JOB, WORKER, HEARTBEAT)
 
 log = logging.getLogger("hpcdl.liveness")
 

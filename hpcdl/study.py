@@ -10,6 +10,7 @@ only, `storage_of`, `trial_id` and `study_key`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import signal
@@ -496,9 +497,23 @@ def fail_and_retry(study: optuna.Study, trial: Trial | FrozenTrial, reason: str)
         return False
     failed = storage.get_trial(key)
     RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES, inherit_intermediate_values=True)(
-        study, failed
+        study, attempt_for_retry(failed)
     )
     return True
+
+
+def attempt_for_retry(failed: FrozenTrial) -> FrozenTrial:
+    """The failed attempt as Optuna's retry callback should copy it: the callback gives the
+    re-run every system attr of the attempt, and with the dead owner's pid and heartbeat, a
+    re-run just asked and not yet claimed by its new worker looked stale to another worker's
+    sweep, which failed it under that worker. Also a copy of the retry history, which the
+    callback appends to in place (the storage's own cached trial otherwise)."""
+    attempt = copy.copy(failed)
+    attempt.system_attrs = {key: value for key, value in failed.system_attrs.items()
+                            if key not in (*liveness.OWNER_KEYS, FAIL_REASON)}
+    if "retry_history" in attempt.system_attrs:
+        attempt.system_attrs["retry_history"] = list(attempt.system_attrs["retry_history"])
+    return attempt
 
 
 def stale_sweep_due(study: optuna.Study, config: Config, now: float | None = None) -> bool:

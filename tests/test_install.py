@@ -79,6 +79,7 @@ def run_install(*args: str, path: str, cache: Path, user: str | None = None,
     (MPI, "MPI (mpicc and mpirun)", ("apt-get install openmpi-bin libopenmpi-dev libpmix-dev",
                                      "dnf install openmpi-devel pmix-devel",
                                      "module load openmpi")),
+    (("make",), "make (CMake's build tool)", ("apt-get install make", "dnf install make")),
 ])
 def test_a_missing_tool_is_named_with_its_fix_before_anything_is_built(
         tmp_path: Path, left_out: tuple[str, ...], named: str, fixes: tuple[str, ...]) -> None:

@@ -116,6 +116,23 @@ def test_stale_trial_is_failed_and_requeued_once(cfg: config.Config) -> None:
     assert study.trial_seed(0, 1) != study.trial_seed(0, 0)
 
 
+def test_a_rerun_taken_but_not_yet_claimed_is_not_failed_by_another_sweep(
+        cfg: config.Config) -> None:
+    """Between a worker's ask() of a re-queued trial and its claim (owner attrs), another
+    worker's sweep must not take the re-run for its dead predecessor (CI failure of
+    test_many_workers: the re-run had inherited the dead owner's pid and heartbeat)."""
+    s = study.open_study(cfg)
+    trial = s.ask({"width": optuna.distributions.IntDistribution(16, 128)})
+    claim_for_a_dead_worker(s, trial)
+    assert study.recover_stale_trials(s, cfg) == [trial.number]
+    rerun = study.open_study(cfg, 1).ask()  # the next worker takes it, not yet claimed
+    assert study.recover_stale_trials(study.open_study(cfg, 2), cfg) == []
+    stored = study.load_study(cfg).get_trials()
+    assert [t.state for t in stored] == [TrialState.FAIL, TrialState.RUNNING]
+    assert rerun.number == 1 and stored[1].system_attrs["failed_trial"] == 0
+    assert not set(stored[1].system_attrs) & {*liveness.OWNER_KEYS, study.FAIL_REASON}
+
+
 def test_a_lost_trial_is_retried_at_most_three_times(cfg: config.Config) -> None:
     s = study.open_study(cfg)
     trial = s.ask({"width": optuna.distributions.IntDistribution(16, 128)})
