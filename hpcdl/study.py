@@ -471,10 +471,14 @@ def is_surplus(study: optuna.Study, trial: Trial, config: Config) -> bool:
     """Did other workers claim the whole budget between our check and our ask?
 
     Trial numbers are handed out atomically, so the lowest numbers win: a trial is surplus if
-    the trials numbered below it already claim n_trials.
+    the trials numbered below it already claim n_trials. A re-run never is: it takes the slot
+    its failed attempt claimed (and a lower-numbered trial still on its way to being told
+    surplus would otherwise push it out, losing the re-run).
     """
     search = config.section("search")
     trials = study.get_trials(deepcopy=False)
+    if any(t.number == trial.number and "failed_trial" in t.system_attrs for t in trials):
+        return False
     earlier = [t for t in trials if t.number < trial.number]
     claimed = budget(earlier, search["count_failed"], replaced_numbers(trials)).claimed
     return claimed >= search["n_trials"]

@@ -179,12 +179,20 @@ def test_status_of_a_local_worker_shows_no_none(tmp_path: Path) -> None:
     assert "None" not in table.stdout, table.stdout
 
 
+def as_a_terminals_foreground_job() -> None:
+    """Ctrl-C reaches a terminal's foreground job with SIGINT at its default. A suite started
+    as a shell's background job runs with SIGINT ignored, which its children inherit: two CI
+    runs started that way failed both Ctrl-C tests (`hpcdl status` never saw the signal)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_status_watch_refreshes_until_interrupted(tmp_path: Path) -> None:
     cfg_path = made_up_study(tmp_path, [TrialState.COMPLETE, TrialState.RUNNING])
     leader, follower = pty.openpty()
     watch = subprocess.Popen(["hpcdl", "status", "--config", str(cfg_path), "--watch",
                               "--every", "0.5"], env=hpcdl_env(COLUMNS="120", LINES="40"),
-                             stdin=follower, stdout=follower, stderr=follower, close_fds=True)
+                             stdin=follower, stdout=follower, stderr=follower, close_fds=True,
+                             preexec_fn=as_a_terminals_foreground_job)
     os.close(follower)
     screen, deadline = b"", time.monotonic() + 120
     while screen.count(b"trials finished") < 3 and time.monotonic() < deadline:
@@ -250,7 +258,8 @@ def test_follow_ends_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     leader, follower = pty.openpty()
     follow = subprocess.Popen(["hpcdl", "status", "--config", str(cfg_path), "--follow",
                                "--every", "1"], env=hpcdl_env(COLUMNS="160"),
-                              stdin=follower, stdout=follower, stderr=follower, close_fds=True)
+                              stdin=follower, stdout=follower, stderr=follower, close_fds=True,
+                              preexec_fn=as_a_terminals_foreground_job)
     os.close(follower)
     screen, deadline = b"", time.monotonic() + 120
     while screen.count(b"1 running") < 2 and time.monotonic() < deadline:

@@ -98,6 +98,24 @@ def claim_for_a_dead_worker(s: optuna.Study, trial: optuna.Trial) -> None:
     s._storage.set_trial_system_attr(trial._trial_id, liveness.PID, dead_pid())
 
 
+def test_a_rerun_is_never_surplus(cfg: config.Config) -> None:
+    """Budget 3: trial 0's worker died, 1 and 2 completed, trial 3 was just asked by a worker
+    that has not yet told it surplus; the re-run of 0 (trial 4) keeps 0's slot (a CI run lost
+    it: 3 RUNNING made 4 look surplus too, and the sweep ended one trial short)."""
+    s = study.open_study(cfg)
+    width = {"width": optuna.distributions.IntDistribution(16, 128)}
+    trials = [s.ask(width) for _ in range(3)]
+    claim_for_a_dead_worker(s, trials[0])
+    for t in trials[1:]:
+        s.tell(t, 0.5)
+    late = s.ask()
+    assert study.is_surplus(s, late, cfg)
+    assert study.recover_stale_trials(s, cfg) == [0]
+    rerun = s.ask()
+    assert rerun.number == 4 and s.get_trials()[4].system_attrs["failed_trial"] == 0
+    assert not study.is_surplus(s, rerun, cfg)
+
+
 def test_stale_trial_is_failed_and_requeued_once(cfg: config.Config) -> None:
     s = study.open_study(cfg)
     trial = s.ask({"width": optuna.distributions.IntDistribution(16, 128)})
