@@ -477,7 +477,8 @@ def is_surplus(study: optuna.Study, trial: Trial, config: Config) -> bool:
     """
     search = config.section("search")
     trials = study.get_trials(deepcopy=False)
-    if any(t.number == trial.number and "failed_trial" in t.system_attrs for t in trials):
+    if any(t.number == trial.number and RetryHeartbeatStaleTrialCallback.retry_history(t)
+           for t in trials):
         return False
     earlier = [t for t in trials if t.number < trial.number]
     claimed = budget(earlier, search["count_failed"], replaced_numbers(trials)).claimed
