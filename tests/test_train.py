@@ -122,6 +122,10 @@ def test_sigterm_then_resume_equals_uninterrupted(results: Path, mode: str, jit:
     # epochs (~1 s each on an idle 2-core machine) still to run, however fast the machine
     slow = ("train.batch_size=1", "train.epochs=4", f"train.input={mode}",
             f"train.jit_compile={jit}")
+    if mode == "stream":  # through gzip chunks, the filter `hpcdl prepare` writes on request
+        data.write_dataset(data.load_source("digits", data.SourceOptions()),
+                           results / "data" / "digits.h5", val_fraction=0.1, seed=0, force=True,
+                           write=data.WriteOptions("gzip"))
     out = results / "resumed.h5"
     command = ["mpirun", "-np", "2", "hpcdl", *train_args(results, out, *slow)]
     job = subprocess.Popen(
@@ -150,6 +154,8 @@ def test_sigterm_then_resume_equals_uninterrupted(results: Path, mode: str, jit:
     final = store.read_run(out)
     assert final.attrs["stop_reason"] == "completed" and final.n_epochs == 4
     assert {choice["mode"] for choice in final.attrs["input"]} == {mode}
+    with h5py.File(results / "data" / "digits.h5") as dataset:
+        assert dataset["train/x"].compression == ("gzip" if mode == "stream" else None)
     # the run's clock carries on across the resume
     elapsed = final.epochs["elapsed_seconds"]
     assert elapsed[: interrupted.n_epochs] == interrupted.epochs["elapsed_seconds"]
