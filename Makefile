@@ -6,9 +6,8 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONPATH := $(CURDIR)
 PYTEST_ARGS ?=
 # pytest-xdist processes, each taking whole test files (--dist loadfile keeps a file's fixtures
-# and order), longest files first (tests/conftest.py, LONGEST_FILES): the Slurm tests spend about
-# half their time waiting on the scheduler, and the other process runs the rest of the suite in
-# those cycles. TEST_PROCESSES=0: one process.
+# and order): the Slurm tests spend about half their time waiting on the scheduler, and the
+# other process runs the rest of the suite in those cycles. TEST_PROCESSES=0: one process.
 TEST_PROCESSES ?= 2
 
 .PHONY: setup setup-gpu prereqs-demo prereqs-test image demo test lint bench bench-quick \
@@ -50,7 +49,7 @@ demo: setup prereqs-demo
 test: setup prereqs-test
 	ruff check hpcdl tests benchmarks
 	snakemake --lint --configfile configs/smoke.yaml
-	python -m pytest -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	python -m pytest -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)
 
 # the code is formatted by hand to ruff's line length (100); `ruff format` is not applied.
 # snakemake --lint exits 1 on any finding, so CI (make test) fails on one.

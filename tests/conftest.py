@@ -27,25 +27,6 @@ MPI_ENV = {
 }
 
 
-# The files that take longest (seconds of one 2-process CI run, 2026-12-03: cluster 660 + its
-# cluster start, worker 552, train 417, install 121, report 93, workflow 92, stream_train 76).
-# `make test` hands whole files to 2 pytest-xdist processes in collection order
-# (--no-loadscope-reorder; xdist's own order is by number of tests, which put the Slurm file
-# last, running alone for its last minutes). Longest first, the two processes end together, and
-# the other process uses the cycles the Slurm file spends waiting on the scheduler.
-LONGEST_FILES = ("test_cluster.py", "test_worker.py", "test_train.py", "test_install.py",
-                 "test_report.py", "test_workflow.py", "test_stream_train.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """LONGEST_FILES first, in that order; every file's tests keep their own order."""
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
-
-    items.sort(key=rank)
-
-
 def hpcdl_env(**extra: str) -> dict[str, str]:
     """Environment for a child hpcdl process: this tree's code, MPI allowed as root."""
     return {**os.environ, **MPI_ENV, **extra}
