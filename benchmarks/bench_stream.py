@@ -238,13 +238,13 @@ def main() -> None:
                         help="for (a); memory and stream always run")
     args = parser.parse_args()
     reps = 1 if args.quick else args.reps
-    fashion_mnist()
     models = args.models or (["MLP"] if args.quick else list(MODELS))
     epochs = args.epochs or (3 if args.quick else 5)
     table: list[list[str]] = []
     with tempfile.TemporaryDirectory(dir=REPO / "results") as tmp:
         work = Path(tmp)
-        if not args.epochs_only:
+        if not args.epochs_only:  # (b)-(d) read the shared file; (a) prepares its own
+            fashion_mnist()
             parallel = threads_vs_processes(work, max(2, reps))
             decode = decode_rates(work, max(2, reps))
             cold = cold_reads(work, 4 if args.quick else 16, max(2, reps))

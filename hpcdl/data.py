@@ -74,7 +74,7 @@ COMPRESSIONS = ("gzip", "lzf", "none")
 @dataclass(frozen=True)
 class WriteOptions:
     """How the dataset file's images are stored: chunk size and filter. Benchmark 8 chose the
-    default, none: streaming gzip cost 11-17 % of an epoch where training already uses every
+    default, none: streaming gzip cost 11-19 % of an epoch where training already uses every
     core, and read a cold file at the CPU's inflate speed, a quarter of the disk's."""
 
     compression: str = "none"  # gzip | lzf | none
