@@ -30,6 +30,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from hpcdl import liveness
 from hpcdl.config import Config, validate
 from hpcdl.errors import ConfigError, UserError
+from hpcdl.journal_lock import FairOpenLock
 from hpcdl.listing_cache import ListingCache
 
 log = logging.getLogger("hpcdl.study")
@@ -95,10 +96,11 @@ def open_storage(config: Config, url: str | None = None) -> BaseStorage:
         if url == "journal":
             path = config.paths.journal
             path.parent.mkdir(parents=True, exist_ok=True)
-            from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+            from optuna.storages.journal import JournalFileBackend
 
-            # The open(O_CREAT|O_EXCL) lock works on NFS, where symlink/flock locks may not.
-            backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+            # An open(O_CREAT|O_EXCL) lock works on NFS, where symlink/flock locks may not;
+            # Optuna's own starves old waiters under many writers (see journal_lock).
+            backend = JournalFileBackend(str(path), lock_obj=FairOpenLock(str(path)))
             return optuna.storages.JournalStorage(backend)
         if url.startswith(("sqlite:", "postgresql:", "postgresql+", "mysql:", "mysql+")):
             if url.startswith("sqlite:"):
