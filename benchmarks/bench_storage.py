@@ -8,8 +8,9 @@ decide_prune, the heartbeat thread, _tell_result; no TensorFlow, no MPI):
    object's methods wrapped in the benchmark, not in the runtime), per phase of a trial.
 2. Contention: 1 ... 256 processes (forked) run trials back to back for a fixed time against
    each storage; sustained storage calls/s, p50/p99 per call, errors, lost and duplicated
-   trials. With --before REV the gRPC proxy is also served by that revision's hpcdl, in the
-   same run, for a side-by-side comparison.
+   trials. With --before REV the gRPC proxy is also served by that revision's hpcdl, and the
+   journal's worker processes also run that revision's hpcdl (its lock is client code), in the
+   same run, row by row, for a side-by-side comparison.
 
 Journal, SQLite, PostgreSQL (a throw-away server from Debian's postgresql, if installed) and
 the gRPC proxy (`hpcdl storage serve`, an SQLite file behind it).
@@ -422,6 +423,20 @@ def contention(kind: str, n: int, processes: int, seconds: float, pg: Postgres |
             str(lost), str(duplicated), f"{len(errors)}" + (f" ({errors[0]})" if errors else "")]
 
 
+def contention_in_tree(tree: Path, kind: str, n: int, processes: int, seconds: float,
+                       pace: float = 0.0) -> list[str]:
+    """contention() with `tree`'s hpcdl in the worker processes: this script again, in a
+    subprocess whose hpcdl is that tree's (the journal's lock is client code)."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--one-row", json.dumps([kind, n, processes, seconds, pace])],
+        env=env(HPCDL_TREE=str(tree)), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"contention row in {tree} failed:\n{done.stderr[-3000:]}")
+    row = json.loads(done.stdout.splitlines()[-1])
+    row[0] = row[0].replace(kind, f"{kind} (before: {tree.name})", 1)
+    return row
+
+
 def collect(queue: Any, procs: list[Any], seconds: float) -> list[Any]:
     """Every process's results; one still inside a storage call after `seconds` is killed
     and counted as an error (SQLite under many writers can wait that long for its lock)."""
@@ -524,6 +539,25 @@ def projection(model: dict[str, Any], capacity: float, kind: str, n: int) -> lis
     return row
 
 
+class LoadAverage:
+    """The machine's 1-minute load average, sampled every 10 s while the benchmark runs: the
+    results say how idle the 2 cores were, measured, not assumed."""
+
+    def __init__(self) -> None:
+        self.samples = [os.getloadavg()[0]]
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            time.sleep(10)
+            self.samples.append(os.getloadavg()[0])
+
+    def span(self) -> str:
+        return (f"1-minute load average during the run: {min(self.samples):.1f}-"
+                f"{max(self.samples):.1f} (median {statistics.median(self.samples):.1f}) on "
+                f"{os.cpu_count()} cores; the benchmark's own processes are part of it.")
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -544,9 +578,14 @@ def main() -> None:
     parser.add_argument("--pg-max-size", type=int, default=2000,
                         help="largest study on PostgreSQL (filling one with 10,000 trials "
                         "takes about 10 min on 2 shared cores)")
-    parser.add_argument("--before", help="also serve the gRPC proxy with this git revision's "
-                        "hpcdl, side by side (e.g. main)")
+    parser.add_argument("--before", help="also run the journal's workers and serve the gRPC "
+                        "proxy with this git revision's hpcdl, side by side (e.g. main)")
+    parser.add_argument("--one-row", help=argparse.SUPPRESS)  # contention_in_tree's child
     args = parser.parse_args()
+    if args.one_row:
+        kind, n, processes, seconds, pace = json.loads(args.one_row)
+        print(json.dumps(contention(kind, n, processes, seconds, None, pace=pace)))
+        return
     counts = (1, 16) if args.quick else tuple(int(p) for p in args.processes.split(","))
     sizes = (0, 2000) if args.quick else tuple(int(n) for n in args.sizes.split(","))
     seconds = 4.0 if args.quick else args.seconds
@@ -580,6 +619,7 @@ def export_tree(rev: str) -> Path:
 def run_all(kinds: list[str], counts: tuple[int, ...], sizes: tuple[int, ...],
             seconds: float, pg: Postgres | None, before: Path | None, pg_max: int,
             paced: float) -> None:
+    load = LoadAverage()
     models = {}
     for kind in kinds:
         for n in sizes:
@@ -588,7 +628,7 @@ def run_all(kinds: list[str], counts: tuple[int, ...], sizes: tuple[int, ...],
             models[(kind, n)] = opmodel(kind, n, OPMODEL_TRIALS, pg)
             print(f"op model {kind} {n}: done", flush=True)
     model_table = opmodel_tables(models, sizes)
-    write_opmodel(model_table)  # now: the contention runs take long
+    write_opmodel(model_table, load.span())  # now: the contention runs take long
     table = [["storage", "study size", "processes", "trials", "storage calls/s",
               "p50 ms/call", "p99 ms/call", "storage ms/trial (mean)", "lost", "duplicated",
               "errors"]]
@@ -606,17 +646,23 @@ def run_all(kinds: list[str], counts: tuple[int, ...], sizes: tuple[int, ...],
                 if before and kind == "grpc" and processes <= 64:
                     table.append(contention(kind, n, processes, seconds, pg, before))
                     print(" | ".join(table[-1]), flush=True)
+                if before and kind == "journal":
+                    table.append(contention_in_tree(before, kind, n, processes, seconds))
+                    print(" | ".join(table[-1]), flush=True)
     for kind in kinds if paced else ():
         largest = max((c for c in counts if fits_in_memory(kind, sizes[-1], c)), default=1)
         n = min(sizes[-1], pg_max) if kind == "postgresql" else sizes[-1]
-        table.append(contention(kind, n, largest, max(seconds, 3 * paced * EPOCHS), pg,
-                                pace=paced))
+        run_s = max(seconds, 3 * paced * EPOCHS)
+        table.append(contention(kind, n, largest, run_s, pg, pace=paced))
         print(" | ".join(table[-1]), flush=True)
+        if before and kind == "journal":
+            table.append(contention_in_tree(before, kind, n, largest, run_s, paced))
+            print(" | ".join(table[-1]), flush=True)
     projected = [["storage", "study size", "capacity calls/s"]
                  + [f"{t} s trial: {c}" for t in (60, 600)
                     for c in ("calls/trial", "ms/trial alone", "workers at < 1 %")]]
     projected += [projection(models[key], capacity[key], *key) for key in capacity]
-    write_results(table, projected, seconds)
+    write_results(table, projected, seconds, load.span())
 
 
 def write_proxy_ab(rows: list[list[str]], rev: str) -> None:
@@ -633,7 +679,7 @@ def write_proxy_ab(rows: list[list[str]], rev: str) -> None:
         "the 2 cores (load average 20-30) during the run.")
 
 
-def write_opmodel(model: list[list[str]]) -> None:
+def write_opmodel(model: list[list[str]], load: str) -> None:
     append_results(
         "3a. Study storage: the op model of one worker (issue 21)", model,
         f"One process runs {OPMODEL_TRIALS} trials with hpcdl's rank-0 worker code "
@@ -645,10 +691,11 @@ def write_opmodel(model: list[list[str]]) -> None:
         "next_plan (stale sweep when due, budget, ask, owner attributes, params, surplus "
         "check), epoch (report + prune check), heartbeat, tell. Heartbeat calls per trial "
         "are at the op model's rate; at the real rate they are trial seconds / "
-        f"{HEARTBEAT_S:g}. Other helpers shared the 2 cores during the run.")
+        f"{HEARTBEAT_S:g}. {load}")
 
 
-def write_results(table: list[list[str]], projected: list[list[str]], seconds: float) -> None:
+def write_results(table: list[list[str]], projected: list[list[str]], seconds: float,
+                  load: str) -> None:
     append_results(
         "3b. Study storage under contention at scale (issue 21)", table,
         f"Each of N forked processes runs trials back to back for {seconds:g} s with the "
@@ -657,10 +704,11 @@ def write_results(table: list[list[str]], projected: list[list[str]], seconds: f
         "p50/p99 per call; lost: a trial told but stored in another state; duplicated: one "
         "trial number told twice. PostgreSQL: a local server from Debian's package, "
         "max_connections=700. gRPC: `hpcdl storage serve` with an SQLite file behind; a "
-        "'before' row serves it with that revision's hpcdl in the same run. Runs whose "
-        "processes would not fit in memory are left out. All on one 2-core machine that "
-        "other helpers were using at the same time: absolute figures are noisy, compare rows "
-        "of the same run.")
+        "'before' row serves it with that revision's hpcdl in the same run; a journal "
+        "'before' row runs that revision's hpcdl in the worker processes (the journal's lock "
+        "is theirs), right after this tree's row. errors include 'killed': a process still "
+        f"inside a storage call {STRAGGLER_S:g} s after the run's end. Runs whose processes "
+        f"would not fit in memory are left out. {load}")
     append_results(
         "3c. Study storage: workers carried with storage time < 1 % of a trial (issue 21)",
         projected,
