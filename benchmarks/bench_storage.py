@@ -52,6 +52,7 @@ KINDS = ("journal", "sqlite", "postgresql", "grpc")
 # storage methods that read the storage object's own settings, not the storage: not counted
 SETTINGS = {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
 STRAGGLER_S = 15.0  # after a contention run, how long a process may take to end its trial
+OPEN_TIMEOUT_S = 1800.0  # for every process of a contention run to have opened the study
 
 
 # ---------------------------------------------------------------- counting storage calls
@@ -364,15 +365,22 @@ def opmodel_tables(results: dict[tuple[str, int], dict[str, Any]], sizes: tuple[
 
 
 def contention_child(cfg_path: Path, worker_id: int, seconds: float, pace: float,
-                     queue: Any) -> None:
-    """Trials back to back until `seconds` pass: (told, call latencies, errors)."""
+                     queue: Any, start: Any) -> None:
+    """Open the study, wait for every other process to have opened it too (`start`, a
+    barrier), then trials back to back until `seconds` pass: (told, call latencies, errors,
+    seconds to open)."""
     from hpcdl import config
 
     told: list[tuple[int, str]] = []
     errors: list[str] = []
     counter = Counter()
+    began = time.monotonic()
     try:
-        w = rank0_worker(config.load(cfg_path), worker_id, counter)
+        try:
+            w = rank0_worker(config.load(cfg_path), worker_id, counter)
+        finally:
+            opened = time.monotonic() - began
+            start.wait(OPEN_TIMEOUT_S)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
@@ -385,8 +393,9 @@ def contention_child(cfg_path: Path, worker_id: int, seconds: float, pace: float
                 time.sleep(0.1)
     except Exception as exc:
         errors.append("open: " + type(exc).__name__ + ": " + str(exc).splitlines()[0][:80])
-    latencies = [s for calls in counter.calls.values() for s in calls]
-    queue.put((told, latencies, errors))
+    latencies = [s for (phase, _), calls in counter.calls.items() if phase != "open"
+                 for s in calls]
+    queue.put((told, latencies, errors, opened))
 
 
 def contention(kind: str, n: int, processes: int, seconds: float, pg: Postgres | None,
@@ -399,13 +408,17 @@ def contention(kind: str, n: int, processes: int, seconds: float, pg: Postgres |
     name += f", paced {pace * EPOCHS:g}-s trials" if pace else ""
     with tempfile.TemporaryDirectory() as tmp, storage_at(kind, n, Path(tmp), pg, tree) as url:
         cfg_path = config_for(Path(tmp), url)  # once: a child must not read it half-written
-        queue = mp.get_context("fork").Queue()
-        procs = [mp.get_context("fork").Process(
-            target=contention_child, args=(cfg_path, i, seconds, pace, queue))
-            for i in range(processes)]
-        began = time.perf_counter()
+        fork = mp.get_context("fork")
+        queue, start = fork.Queue(), fork.Barrier(processes + 1)
+        procs = [fork.Process(target=contention_child,
+                              args=(cfg_path, i, seconds, pace, queue, start))
+                 for i in range(processes)]
         for p in procs:
             p.start()
+        # opening a large study takes each process seconds, here all on 2 cores: the clock
+        # starts when every process has it open, as workers that started a while ago
+        start.wait(OPEN_TIMEOUT_S)
+        began = time.perf_counter()
         results = collect(queue, procs, seconds + STRAGGLER_S)
         elapsed = time.perf_counter() - began
         stored = optuna.load_study(study_name="bench", storage=study.open_storage(
@@ -418,9 +431,11 @@ def contention(kind: str, n: int, processes: int, seconds: float, pg: Postgres |
     duplicated = len(told) - len({number for number, _ in told})
     p99 = latencies[int(0.99 * (len(latencies) - 1))] if latencies else float("nan")
     per_trial = f"{sum(latencies) / len(told):.0f}" if told else "-"
+    opened = [r[3] for r in results if r[3] is not None]
     return [name, f"{n:,}", str(processes), str(len(told)), f"{len(latencies) / elapsed:.0f}",
             f"{statistics.median(latencies):.1f}" if latencies else "-", f"{p99:.0f}", per_trial,
-            str(lost), str(duplicated), f"{len(errors)}" + (f" ({errors[0]})" if errors else "")]
+            str(lost), str(duplicated), f"{len(errors)}" + (f" ({errors[0]})" if errors else ""),
+            f"{statistics.median(opened):.1f}" if opened else "-"]
 
 
 def contention_in_tree(tree: Path, kind: str, n: int, processes: int, seconds: float,
@@ -454,7 +469,7 @@ def collect(queue: Any, procs: list[Any], seconds: float) -> list[Any]:
             p.kill()
             p.join()
     stuck = len(procs) - len(results)
-    return results + [([], [], ["killed: still in a storage call"])] * stuck
+    return results + [([], [], ["killed: still in a storage call"], None)] * stuck
 
 
 def fits_in_memory(kind: str, n: int, processes: int) -> bool:
@@ -631,7 +646,7 @@ def run_all(kinds: list[str], counts: tuple[int, ...], sizes: tuple[int, ...],
     write_opmodel(model_table, load.span())  # now: the contention runs take long
     table = [["storage", "study size", "processes", "trials", "storage calls/s",
               "p50 ms/call", "p99 ms/call", "storage ms/trial (mean)", "lost", "duplicated",
-              "errors"]]
+              "errors", "open s (median)"]]
     capacity: dict[tuple[str, int], float] = {}
     for n in sizes:
         for processes in counts:
@@ -702,7 +717,9 @@ def write_results(table: list[list[str]], projected: list[list[str]], seconds: f
         f"same rank-0 worker code ({EPOCHS} reports, no training between them: the storage "
         "saturated, the worst case). calls/s: storage calls of all processes per second; "
         "p50/p99 per call; lost: a trial told but stored in another state; duplicated: one "
-        "trial number told twice. PostgreSQL: a local server from Debian's package, "
+        "trial number told twice; open: a process's seconds to open the study (all "
+        "processes open it at once, on these 2 cores; the clock of the run starts when every "
+        "one has). PostgreSQL: a local server from Debian's package, "
         "max_connections=700. gRPC: `hpcdl storage serve` with an SQLite file behind; a "
         "'before' row serves it with that revision's hpcdl in the same run; a journal "
         "'before' row runs that revision's hpcdl in the worker processes (the journal's lock "
