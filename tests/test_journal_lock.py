@@ -60,7 +60,8 @@ def hold_lock(journal: str, seconds: float, held: mp.synchronize.Event) -> None:
 
 def sleeps_while_waiting(lock: FairOpenLock | JournalFileOpenLock, journal: str,
                          monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The sleeps `lock` asks for while another process holds the lock for 0.8 s."""
+    """The sleeps `lock` asks for while another process holds the lock for 2 s: long enough
+    for the sleeps to grow, with margin for a loaded machine that starts the waiter late."""
     asked: list[float] = []
     real_sleep = time.sleep
 
@@ -69,7 +70,7 @@ def sleeps_while_waiting(lock: FairOpenLock | JournalFileOpenLock, journal: str,
         real_sleep(seconds)
 
     held = mp.get_context("fork").Event()
-    holder = mp.get_context("fork").Process(target=hold_lock, args=(journal, 0.8, held))
+    holder = mp.get_context("fork").Process(target=hold_lock, args=(journal, 2.0, held))
     holder.start()
     assert held.wait(30)
     with monkeypatch.context() as patch:
