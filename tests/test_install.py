@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import tempfile
@@ -29,9 +30,17 @@ PASSED_ON = ("PIP_", "SSL_CERT_", "REQUESTS_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PRO
 COMPILERS = ("cc", "c++", "gcc", "g++")
 MPI = ("mpicc", "mpirun", "ompi_info")
 # Two ranks each print 3.0: Horovod's allreduce over MPI works in the runtime.
+# One token per rank, printed in one write: mpirun merges the ranks' stdout, and with unbuffered
+# output `print(a, b)` is several writes that interleave ("sum 3.0sum 3.0\n\n").
 ALLREDUCE = ("import horovod.tensorflow as hvd, tensorflow as tf; hvd.init(); "
-             "print('sum', hvd.allreduce(tf.constant(hvd.rank() + 1.0), op=hvd.Sum).numpy())")
+             "s = hvd.allreduce(tf.constant(hvd.rank() + 1.0), op=hvd.Sum).numpy(); "
+             "print(f'rank{hvd.rank()}-sum={s};', end='', flush=True)")
 MPI_AS_ROOT = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+def allreduced(stdout: str) -> set[str]:
+    """Each rank's token of ALLREDUCE, wherever the merged output put it."""
+    return set(re.findall(r"rank\d+-sum=[0-9.]+;", stdout))
 
 
 def passed_on_env() -> dict[str, str]:
@@ -146,7 +155,7 @@ def test_an_unprivileged_user_without_apt_gets_a_working_cpu_runtime(
     assert "mpi=yes" in checks["horovod"] and "nccl=no" in checks["horovod"]
     ranks = as_user("mpirun", "-np", "2", "--oversubscribe", "python", "-c", ALLREDUCE)
     assert ranks.returncode == 0, ranks.stderr
-    assert ranks.stdout.split().count("3.0") == 2, ranks.stdout
+    assert allreduced(ranks.stdout) == {"rank0-sum=3.0;", "rank1-sum=3.0;"}, ranks.stdout
 
 
 @pytest.mark.slow
@@ -171,4 +180,4 @@ def test_the_gpu_variant_builds_here_with_nccl_and_a_cuda_tensorflow() -> None:
                            capture_output=True, text=True, timeout=600, check=False,
                            env={**env, **MPI_AS_ROOT})
     assert ranks.returncode == 0, ranks.stderr
-    assert ranks.stdout.split().count("3.0") == 2, ranks.stdout
+    assert allreduced(ranks.stdout) == {"rank0-sum=3.0;", "rank1-sum=3.0;"}, ranks.stdout
