@@ -30,6 +30,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from hpcdl import liveness
 from hpcdl.config import Config, validate
 from hpcdl.errors import ConfigError, UserError
+from hpcdl.journal_listing import IndexedJournalStorage
 from hpcdl.journal_lock import FairOpenLock
 from hpcdl.listing_cache import ListingCache
 
@@ -99,9 +100,10 @@ def open_storage(config: Config, url: str | None = None) -> BaseStorage:
             from optuna.storages.journal import JournalFileBackend
 
             # An open(O_CREAT|O_EXCL) lock works on NFS, where symlink/flock locks may not;
-            # Optuna's own starves old waiters under many writers (see journal_lock).
+            # Optuna's own starves old waiters under many writers (see journal_lock). Its
+            # listings walk the whole study at every prune check (see journal_listing).
             backend = JournalFileBackend(str(path), lock_obj=FairOpenLock(str(path)))
-            return optuna.storages.JournalStorage(backend)
+            return IndexedJournalStorage(backend)
         if url.startswith(("sqlite:", "postgresql:", "postgresql+", "mysql:", "mysql+")):
             if url.startswith("sqlite:"):
                 log.warning(
