@@ -31,8 +31,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 NUMBER = attrgetter("number")
-
-
 STATE_SETS = [frozenset(c) for k in (1, 2, 3) for c in combinations(FINISHED, k)]
 
 
