@@ -22,6 +22,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -128,7 +129,9 @@ def rank0_worker(cfg: Any, worker_id: int, counter: Counter) -> Any:
 
 def run_trial(w: Any, counter: Counter, pace: float, heartbeat_s: float,
               metric_of: Callable[[int], float]) -> int:
-    """One trial as worker.run_trial runs it on rank 0; its number (-1: budget over)."""
+    """One trial as worker.run_trial runs it on rank 0; its number (-1: budget over). Epochs
+    last `pace` s on average, jittered by +-50 %: paced processes must not report in lockstep,
+    as real workers do not."""
     from hpcdl import liveness, study, train
 
     with counter.in_phase("next_plan"):
@@ -141,7 +144,7 @@ def run_trial(w: Any, counter: Counter, pace: float, heartbeat_s: float,
     with counter.in_phase("heartbeat"), liveness.heartbeat(storage, study.trial_id(w.trial),
                                                            heartbeat_s):
         for epoch in range(EPOCHS):
-            time.sleep(pace)
+            time.sleep(pace * random.uniform(0.5, 1.5))
             values.append(metric_of(epoch))
             with counter.in_phase("epoch"):
                 if decide_prune(w, epoch, {metric: values[-1]}):
@@ -381,6 +384,7 @@ def contention_child(cfg_path: Path, worker_id: int, seconds: float, pace: float
         finally:
             opened = time.monotonic() - began
             start.wait(OPEN_TIMEOUT_S)
+        time.sleep(random.uniform(0, pace))  # nor start in lockstep
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
@@ -419,7 +423,8 @@ def contention(kind: str, n: int, processes: int, seconds: float, pg: Postgres |
         # starts when every process has it open, as workers that started a while ago
         start.wait(OPEN_TIMEOUT_S)
         began = time.perf_counter()
-        results = collect(queue, procs, seconds + STRAGGLER_S)
+        # a process may begin a trial just before the end: it has that trial's time too
+        results = collect(queue, procs, seconds + 1.5 * pace * EPOCHS + STRAGGLER_S)
         elapsed = time.perf_counter() - began
         stored = optuna.load_study(study_name="bench", storage=study.open_storage(
             config.load(cfg_path))).get_trials(deepcopy=False)
@@ -724,8 +729,11 @@ def write_results(table: list[list[str]], projected: list[list[str]], seconds: f
         "'before' row serves it with that revision's hpcdl in the same run; a journal "
         "'before' row runs that revision's hpcdl in the worker processes (the journal's lock "
         "is theirs), right after this tree's row. errors include 'killed': a process still "
-        f"inside a storage call {STRAGGLER_S:g} s after the run's end. Runs whose processes "
-        f"would not fit in memory are left out. {load}")
+        f"inside a storage call {STRAGGLER_S:g} s after the run's end (paced rows: after the "
+        "end of the trial it began last). Paced rows: epochs of the given mean, each jittered "
+        "by +-50 %, and each process starts within one epoch of the others, so that they do "
+        f"not report in lockstep. Runs whose processes would not fit in memory are left out. "
+        f"{load}")
     append_results(
         "3c. Study storage: workers carried with storage time < 1 % of a trial (issue 21)",
         projected,
