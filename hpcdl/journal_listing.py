@@ -3,7 +3,7 @@
 Optuna's JournalStorage answers every `get_all_trials` by walking all the study's trials and
 filtering them by state: 3.5 ms per call at 10,000 trials, 100x the call at 0 (benchmark 3a).
 A worker lists the study at every prune check (the pruners read the COMPLETE trials) and
-several times a trial, so a study of 10,000 made a trial's storage time 3.3x that of an empty
+several times a trial, so a study of 10,000 made a trial's storage time 3.6x that of an empty
 one. Here each study keeps its finished trials in lists sorted by number, one per set of
 finished states a listing may ask for (7 sets, so any listing is one list copy); a
 finished trial never changes again (the journal's replay refuses updates to it), so a listing
